@@ -1,0 +1,86 @@
+"""Conversion settings, validated once, recorded in ``moefy.json``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError, TooFewExpertsError, TooManyExpertsError, TopKTooLargeError, TopKTooSmallError
+
+METHODS = ("dot", "dot-frozen", "random", "param-cluster", "act-cluster", "prune")
+STAGES = ("layerwise", "e2e", "both")
+WEIGHT_MODES = ("none", "ridge", "grad", "grad+ridge")
+INITS = ("act-cluster", "param-cluster", "random")
+
+
+@dataclass
+class ConvertConfig:
+    """Everything that decides the converted model (and nothing that does not)."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    method: str = "dot"
+    n_shared: int = 0
+    stage: str = "layerwise"
+    seed: int = 0
+    # calibration
+    calib_tokens: int = 32768
+    seq_len: int = 512
+    val_fraction: float = 0.125
+    # layer-wise training
+    steps: int = 150
+    batch_tokens: int = 4096
+    lr_affinity: float = 0.05
+    lr_router: float = 3e-3
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    sinkhorn_iters: int = 30
+    rounding: str = "greedy"
+    init: str = "act-cluster"
+    z_loss_weight: float = 1e-3
+    balance_weight: float = 1e-2
+    eval_every: int = 25
+    weights: str = "ridge"
+    weight_steps: int = 150
+    lr_weights: float = 1e-4
+    # end-to-end training
+    e2e_steps: int = 100
+    e2e_batch: int = 4
+    e2e_lr_affinity: float = 0.02
+    e2e_lr_router: float = 1e-3
+    e2e_lr_weights: float = 0.0
+    kl_weight: float = 1.0
+    ce_weight: float = 0.1
+    layers: list[int] | None = field(default=None)
+
+    def validate(self, d_ffn: int | None = None) -> None:
+        if self.n_experts < 2:
+            raise TooFewExpertsError(f"--experts must be at least 2, got {self.n_experts}")
+        if self.top_k < 1:
+            raise TopKTooSmallError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.top_k > self.n_experts:
+            raise TopKTooLargeError(f"--top-k {self.top_k} is larger than --experts {self.n_experts}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.stage not in STAGES:
+            raise ConfigError(f"unknown --stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        if self.weights not in WEIGHT_MODES:
+            raise ConfigError(f"unknown --weights {self.weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
+        if self.init not in INITS:
+            raise ConfigError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.rounding not in ("greedy", "exact"):
+            raise ConfigError(f"unknown --rounding {self.rounding!r}; choose greedy or exact")
+        if self.n_shared < 0:
+            raise ConfigError(f"--shared must be >= 0, got {self.n_shared}")
+        if self.seq_len < 8:
+            raise ConfigError(f"--seq-len must be at least 8, got {self.seq_len}")
+        if self.calib_tokens < self.seq_len:
+            raise ConfigError(f"--calib-tokens {self.calib_tokens} is less than one sequence of --seq-len {self.seq_len}")
+        if d_ffn is not None:
+            if self.n_experts + self.n_shared > d_ffn:
+                raise TooManyExpertsError(
+                    f"--experts {self.n_experts} (+ {self.n_shared} shared) exceeds the FFN width d_ffn={d_ffn}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

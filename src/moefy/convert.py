@@ -1,0 +1,334 @@
+"""The conversion pipeline: dense model -> model whose FFNs are :class:`DotMoeLayer`.
+
+Layer-wise stage (llm-compressor's sequential pipeline): calibration activations enter
+decoder layer 0; for each layer in turn, its FFN inputs (produced by the already-converted
+layers below) and the dense FFN's outputs are collected, the layer's MoE is fitted
+(:func:`moefy.layerwise.fit_layer`), the layer is swapped in place, and its outputs feed the
+next layer.  Memory: one layer plus the cached hidden states of the calibration tokens.
+
+End-to-end stage: all assignments and routers (optionally all FFN weights) trained jointly on
+KL(dense || MoE) over the logits plus LM cross-entropy, the dense FFNs acting as teacher.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, get_adapter
+from .config import ConvertConfig
+from .dotmoe import DotMoeLayer
+from .errors import NonFiniteLossError
+from .layerwise import LayerReport, fit_layer
+from .splits import (
+    Split,
+    act_cluster_split,
+    activation_sample,
+    choose_shared,
+    param_cluster_split,
+    pruning_importance,
+    random_split,
+)
+
+Progress = Callable[[str, int, int], None]
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class ConversionState:
+    """What the pipeline has produced so far (also what a resume restores)."""
+
+    reports: list[LayerReport] = field(default_factory=list)
+    e2e_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """Hidden states entering layer 0 for every batch, and the keyword arguments (masks,
+    rotary embeddings) each layer receives (identical for every batch of the same shape)."""
+    layers = adapter.layers(model)
+    layer_kwargs: list[dict[str, Any]] = [{} for _ in layers]
+    inputs: list[torch.Tensor] = []
+    stop_at_first = [False]
+
+    def hook(i: int) -> Callable[..., None]:
+        def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if i == 0:
+                inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+            layer_kwargs[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if stop_at_first[0]:
+                raise _Stop
+
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for b, ids in enumerate(batches):
+            stop_at_first[0] = b > 0
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    for kw in layer_kwargs:
+        kw["use_cache"] = False
+        kw.pop("past_key_values", None)
+    return inputs, layer_kwargs
+
+
+@torch.no_grad()
+def collect_ffn_io(layer: nn.Module, mlp: nn.Module, xs: list[torch.Tensor], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FFN inputs and dense FFN outputs of one decoder layer, per batch ``[b, seq, d]``."""
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+
+    def fn(_mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        ins.append(args[0].detach())
+        outs.append(_first_tensor(out).detach())
+
+    handle = mlp.register_forward_hook(fn)
+    try:
+        for x in xs:
+            layer(x, **kwargs)
+    finally:
+        handle.remove()
+    return torch.cat(ins), torch.cat(outs)
+
+
+def initial_split(
+    method: str, init: str, ffn: Any, h: torch.Tensor, cfg: ConvertConfig, seed: int
+) -> Split:
+    """The split a method starts from (the only thing that differs between methods)."""
+    d_ffn = ffn.d_ffn
+    routed_n = d_ffn - cfg.n_shared
+    active_fraction = (cfg.n_shared + cfg.top_k * routed_n / cfg.n_experts) / d_ffn
+    if method == "prune":
+        keep = int(round(active_fraction * d_ffn))
+        imp = pruning_importance(h, ffn)
+        return Split(torch.sort(imp.topk(keep).indices).values, [])
+    shared = choose_shared(h, cfg.n_shared, active_fraction)
+    kind = init if method in ("dot", "dot-frozen") else method
+    if kind == "random":
+        return random_split(d_ffn, cfg.n_experts, seed, shared)
+    if kind == "param-cluster":
+        return param_cluster_split(ffn, cfg.n_experts, seed, shared)
+    return act_cluster_split(h, cfg.n_experts, cfg.top_k / cfg.n_experts, seed, shared)
+
+
+def make_layer(mlp: nn.Module, adapter: Adapter, config: Any, split: Split, cfg: ConvertConfig) -> DotMoeLayer:
+    ffn = adapter.ffn_weights(mlp)
+    return DotMoeLayer(
+        ffn,
+        getattr(mlp, adapter.act_attr),
+        adapter.act_name(config),
+        split,
+        cfg.top_k,
+        learn_assignment=cfg.method == "dot",
+        rounding=cfg.rounding,
+        sinkhorn_iters=cfg.sinkhorn_iters,
+    )
+
+
+def _split_train_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, ...]:
+    """Hold out the last sequences (not random tokens: neighbours would leak)."""
+    n_seq = x.shape[0]
+    n_val = min(max(1, int(round(n_seq * val_fraction))), n_seq - 1) if n_seq > 1 else 0
+    d = x.shape[-1]
+    if n_val == 0:
+        flat_x, flat_y = x.reshape(-1, d), y.reshape(-1, d)
+        half = flat_x.shape[0] // 8
+        return flat_x[half:], flat_y[half:], flat_x[:half], flat_y[:half]
+    return (
+        x[: n_seq - n_val].reshape(-1, d),
+        y[: n_seq - n_val].reshape(-1, d),
+        x[n_seq - n_val :].reshape(-1, d),
+        y[n_seq - n_val :].reshape(-1, d),
+    )
+
+
+def layers_to_convert(cfg: ConvertConfig, n_layers: int) -> list[int]:
+    return list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
+
+
+def layerwise_stage(
+    model: nn.Module,
+    calib: torch.Tensor,
+    cfg: ConvertConfig,
+    batch: int = 8,
+    progress: Progress | None = None,
+    start_layer: int = 0,
+    on_layer_done: Callable[[int, LayerReport], None] | None = None,
+    restored: dict[int, DotMoeLayer] | None = None,
+) -> list[LayerReport]:
+    """Convert every chosen layer in order; returns one report per converted layer.
+
+    ``restored`` maps already-finished layers (from a resumed run) to their fitted modules:
+    they are swapped in without refitting, and still feed the layers above.
+    """
+    adapter = get_adapter(model.config)
+    layers = adapter.layers(model)
+    chosen = layers_to_convert(cfg, len(layers))
+    batches = list(calib.split(batch))
+    xs, layer_kwargs = capture_inputs(model, adapter, batches)
+    reports: list[LayerReport] = []
+    for i, layer in enumerate(layers):
+        if i in chosen:
+            if restored is not None and i in restored:
+                layer.mlp = restored[i]
+            else:
+                mlp = layer.mlp
+                x_in, y_out = collect_ffn_io(layer, mlp, xs, layer_kwargs[i])
+                x_tr, y_tr, x_val, y_val = _split_train_val(x_in, y_out, cfg.val_fraction)
+                ffn = adapter.ffn_weights(mlp)
+                with torch.no_grad():
+                    h_sample = activation_sample(
+                        getattr(mlp, adapter.act_attr)(nn.functional.linear(x_tr, ffn.gate, ffn.gate_bias))
+                        * nn.functional.linear(x_tr, ffn.up, ffn.up_bias),
+                        seed=cfg.seed + i,
+                    )
+                split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
+                del h_sample
+                dot = make_layer(mlp, adapter, model.config, split, cfg)
+                report = fit_layer(dot, x_tr, y_tr, x_val, y_val, cfg, i)
+                dot.eval()
+                layer.mlp = dot
+                reports.append(report)
+                if on_layer_done is not None:
+                    on_layer_done(i, report)
+        with torch.no_grad():
+            xs = [_first_tensor(layer(x, **layer_kwargs[i])) for x in xs]
+        if progress is not None:
+            progress("layer-wise", i + 1, len(layers))
+    return reports
+
+
+def convert_untrained(model: nn.Module, cfg: ConvertConfig, h_sample_fn: Callable[[int], torch.Tensor] | None = None) -> None:
+    """Swap in MoE layers without layer-wise training (for an e2e-only run): heuristic or
+    random initial split, zero router."""
+    adapter = get_adapter(model.config)
+    for i, layer in enumerate(adapter.layers(model)):
+        if i not in layers_to_convert(cfg, len(adapter.layers(model))):
+            continue
+        ffn = adapter.ffn_weights(layer.mlp)
+        h = h_sample_fn(i) if h_sample_fn is not None else torch.randn(256, ffn.d_ffn)
+        split = initial_split(cfg.method, cfg.init, ffn, h, cfg, cfg.seed + i)
+        layer.mlp = make_layer(layer.mlp, adapter, model.config, split, cfg)
+
+
+def dot_layers(model: nn.Module) -> list[DotMoeLayer]:
+    return [m for m in model.modules() if isinstance(m, DotMoeLayer)]
+
+
+def e2e_stage(
+    model: nn.Module,
+    calib: torch.Tensor,
+    cfg: ConvertConfig,
+    teacher_mlps: dict[int, nn.Module],
+    progress: Progress | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    start_step: int = 0,
+) -> list[float]:
+    """Joint training of all assignments and routers (and weights if ``e2e_lr_weights > 0``)
+    on KL(dense || MoE) + LM cross-entropy + z-loss + load balance."""
+    adapter = get_adapter(model.config)
+    layers = adapter.layers(model)
+    dots = {i: layer.mlp for i, layer in enumerate(layers) if isinstance(layer.mlp, DotMoeLayer)}
+    for d in dots.values():
+        if cfg.method == "dot":
+            d.learn_assignment = True
+            d.affinity.requires_grad_(True)
+            with torch.no_grad():
+                d.affinity.copy_(3.0 * d.affinity.new_zeros(d.affinity.shape).scatter_(1, d.fixed_assign[:, None], 1.0))
+            d.tau = cfg.tau_end
+        d.train()
+    groups = [{"params": [p for d in dots.values() for p in d.router.parameters()], "lr": cfg.e2e_lr_router}]
+    if cfg.method == "dot":
+        groups.append({"params": [d.affinity for d in dots.values()], "lr": cfg.e2e_lr_affinity})
+    if cfg.e2e_lr_weights > 0:
+        ws = [w for d in dots.values() for w in (d.gate, d.up, d.down)]
+        for w in ws:
+            w.requires_grad_(True)
+        groups.append({"params": ws, "lr": cfg.e2e_lr_weights})
+    opt = torch.optim.Adam(groups)
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    for _ in range(start_step):  # replay the sampler so a resumed run sees the same batches
+        torch.randint(0, calib.shape[0], (min(cfg.e2e_batch, calib.shape[0]),), generator=gen)
+    losses: list[float] = []
+    for p in model.parameters():
+        if not any(p is q for g in groups for q in g["params"]):
+            p.requires_grad_(False)
+    for step in range(start_step, cfg.e2e_steps):
+        ids = calib[torch.randint(0, calib.shape[0], (min(cfg.e2e_batch, calib.shape[0]),), generator=gen)]
+        with torch.no_grad():
+            for i, d in dots.items():
+                layers[i].mlp = teacher_mlps[i]
+            t_logits = model(input_ids=ids, use_cache=False).logits.float()
+            for i, d in dots.items():
+                layers[i].mlp = d
+        out = model(input_ids=ids, use_cache=False)
+        logits = out.logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        t_logp = torch.log_softmax(t_logits, dim=-1)
+        kl = (t_logp.exp() * (t_logp - logp)).sum(-1).mean()
+        ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        aux = [d.aux_losses() for d in dots.values()]
+        zl = torch.stack([a[0] for a in aux]).mean()
+        lb = torch.stack([a[1] for a in aux]).mean()
+        loss = cfg.kl_weight * kl + cfg.ce_weight * ce + cfg.z_loss_weight * zl + cfg.balance_weight * lb
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite loss in the end-to-end stage at step {step}; lower the learning rates")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(kl))
+        if on_step is not None:
+            on_step(step, float(kl))
+        if progress is not None:
+            progress("end-to-end", step + 1, cfg.e2e_steps)
+    for d in dots.values():
+        d.freeze_assignment()
+        for w in (d.gate, d.up, d.down):
+            w.requires_grad_(False)
+        d.eval()
+    return losses
+
+
+def active_fraction(cfg: ConvertConfig, d_ffn: int) -> float:
+    if cfg.method == "prune":
+        routed = d_ffn - cfg.n_shared
+        return (cfg.n_shared + cfg.top_k * routed / cfg.n_experts) / d_ffn
+    split_sizes = d_ffn - cfg.n_shared
+    return (cfg.n_shared + cfg.top_k * split_sizes / cfg.n_experts) / d_ffn
+
+
+def summary(reports: list[LayerReport]) -> dict[str, float]:
+    def mean(key: str) -> float:
+        vals = [getattr(r, key) for r in reports if not math.isnan(getattr(r, key))]
+        return float(sum(vals) / len(vals)) if vals else math.nan
+
+    return {
+        "mean_error_init": mean("error_init"),
+        "mean_error_routed": mean("error_routed"),
+        "mean_error_final": mean("error_final"),
+        "seconds": float(sum(r.seconds for r in reports)),
+    }
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,170 @@
+"""The DOT-MoE layer: a dense gated FFN simulated as an MoE with a learnable assignment.
+
+In the dense neuron order, with ``H = act(x Wg^T) * (x Wu^T)`` (tokens x d_ffn)::
+
+    M_soft = Sinkhorn(A / tau)                      # neurons x experts, rows 1, columns c_e
+    M      = round(M_soft);  M_ste = M + M_soft - M_soft.detach()
+    R      = topk(router(x)); R_ste = R + P - P.detach()
+    Y_hat  = (H * (R_ste @ M_ste^T)) @ Wd^T         # shared neurons always 1
+
+Forward values are those of the hard MoE (the exported model computes exactly this);
+gradients reach ``A`` through ``M_soft`` and the router through ``P``.  With the assignment
+frozen (``learn_assignment=False``) the same layer trains only a router over a fixed split,
+which is how every baseline split is given the same router training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .adapters import FFNWeights
+from .hf.modeling_moefy import MoefyMLP
+from .ot import assignment_matrix, round_exact, round_greedy, sinkhorn_log, straight_through
+from .routing import load_balance_loss, route_ste, z_loss
+from .splits import Split
+
+
+class DotMoeLayer(nn.Module):
+    def __init__(
+        self,
+        ffn: FFNWeights,
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        hidden_act: str,
+        split: Split,
+        top_k: int,
+        learn_assignment: bool = True,
+        init_margin: float = 3.0,
+        rounding: str = "greedy",
+        sinkhorn_iters: int = 30,
+    ) -> None:
+        super().__init__()
+        n_exp = split.n_experts
+        self.n_experts = n_exp
+        self.top_k = top_k
+        self.act_fn = act_fn
+        self.hidden_act = hidden_act
+        self.rounding = rounding
+        self.sinkhorn_iters = sinkhorn_iters
+        self.learn_assignment = learn_assignment
+        self.tau = 1.0
+        self.dense_mode = False
+        self.gate = nn.Parameter(ffn.gate.detach().clone().float(), requires_grad=False)
+        self.up = nn.Parameter(ffn.up.detach().clone().float(), requires_grad=False)
+        self.down = nn.Parameter(ffn.down.detach().clone().float(), requires_grad=False)
+        self.gate_bias = self.up_bias = self.down_bias = None
+        if ffn.has_bias:
+            self.gate_bias = nn.Parameter(ffn.gate_bias.detach().clone().float(), requires_grad=False)
+            self.up_bias = nn.Parameter(ffn.up_bias.detach().clone().float(), requires_grad=False)
+            self.down_bias = nn.Parameter(ffn.down_bias.detach().clone().float(), requires_grad=False)
+        if n_exp == 0:  # structured pruning: the non-shared neurons are dropped, not routed
+            keep = torch.ones(ffn.d_ffn, dtype=torch.bool)
+            keep[split.shared] = False
+            routed_sorted = torch.nonzero(keep).flatten()
+            init_assign = torch.zeros(routed_sorted.numel(), dtype=torch.long)
+        else:
+            routed = split.permutation()[split.shared.numel() :]
+            order = torch.argsort(routed)
+            routed_sorted = routed[order]
+            sizes = split.expert_sizes
+            init_assign = torch.cat([torch.full((s,), e, dtype=torch.long) for e, s in enumerate(sizes)])[order]
+        self.register_buffer("shared_idx", split.shared.clone(), persistent=True)
+        self.register_buffer("routed_idx", routed_sorted, persistent=True)
+        self.register_buffer("fixed_assign", init_assign, persistent=True)
+        self.caps = [int((init_assign == e).sum()) for e in range(n_exp)]
+        learn_assignment = learn_assignment and n_exp > 1
+        self.learn_assignment = learn_assignment
+        self.affinity = nn.Parameter(init_margin * assignment_matrix(init_assign, n_exp), requires_grad=learn_assignment)
+        self.router = nn.Linear(ffn.d_model, n_exp, bias=False)
+        nn.init.zeros_(self.router.weight)
+        self.aux: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------ assignment
+    @property
+    def d_ffn(self) -> int:
+        return int(self.gate.shape[0])
+
+    def soft_assignment(self) -> torch.Tensor:
+        return sinkhorn_log(self.affinity, self.caps, tau=self.tau, n_iter=self.sinkhorn_iters).exp()
+
+    def hard_assignment(self, soft: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert of every routed neuron (indices into ``routed_idx``)."""
+        if not self.learn_assignment:
+            return self.fixed_assign
+        soft = self.soft_assignment() if soft is None else soft
+        rounder = round_exact if self.rounding == "exact" else round_greedy
+        return rounder(soft, self.caps).to(self.affinity.device)
+
+    def assignment_ste(self) -> torch.Tensor:
+        if not self.learn_assignment:
+            return assignment_matrix(self.fixed_assign, self.n_experts)
+        soft = self.soft_assignment()
+        hard = assignment_matrix(self.hard_assignment(soft), self.n_experts)
+        return straight_through(hard, soft) if torch.is_grad_enabled() else hard
+
+    def freeze_assignment(self) -> None:
+        """Fix the current hard assignment; the layer then trains only router (and weights)."""
+        with torch.no_grad():
+            self.fixed_assign.copy_(self.hard_assignment())
+        self.learn_assignment = False
+        self.affinity.requires_grad_(False)
+
+    def split(self) -> Split:
+        if self.n_experts == 0:
+            return Split(self.shared_idx.cpu(), [])
+        return Split.from_assignment(self.shared_idx.cpu(), self.routed_idx.cpu(), self.hard_assignment().cpu(), self.n_experts)
+
+    # --------------------------------------------------------------- forward
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        g = nn.functional.linear(x, self.gate, self.gate_bias)
+        return self.act_fn(g) * nn.functional.linear(x, self.up, self.up_bias)
+
+    def neuron_mask(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_experts == 0:
+            full = torch.ones(*x.shape[:-1], self.d_ffn, dtype=x.dtype, device=x.device)
+            return full.index_fill(-1, self.routed_idx, 0.0)
+        logits = self.router(x)
+        r_ste, hard, probs = route_ste(logits, self.top_k)
+        self.aux = {"logits": logits, "probs": probs, "hard": hard}
+        routed = r_ste @ self.assignment_ste().T
+        full = torch.ones(*x.shape[:-1], self.d_ffn, dtype=x.dtype, device=x.device)
+        return full.index_copy(-1, self.routed_idx, routed.to(x.dtype))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden(x) if h is None else h
+        if not self.dense_mode:
+            h = h * self.neuron_mask(x)
+        return nn.functional.linear(h, self.down, self.down_bias)
+
+    def aux_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z-loss, load-balance loss) of the last forward."""
+        if self.n_experts == 0:
+            zero = self.down.new_zeros(())
+            return zero, zero
+        return z_loss(self.aux["logits"]), load_balance_loss(self.aux["probs"], self.aux["hard"])
+
+    # ---------------------------------------------------------------- export
+    def to_moe_mlp(self) -> MoefyMLP:
+        """The inference module: neurons permuted so each expert is contiguous."""
+        split = self.split()
+        perm = split.permutation().to(self.gate.device)
+        mlp = MoefyMLP(
+            self.gate.shape[1],
+            split.expert_sizes,
+            n_shared=split.shared.numel(),
+            top_k=self.top_k if self.n_experts else 0,
+            hidden_act=self.hidden_act,
+            bias=self.gate_bias is not None,
+        )
+        with torch.no_grad():
+            mlp.gate_proj.weight.copy_(self.gate[perm])
+            mlp.up_proj.weight.copy_(self.up[perm])
+            mlp.down_proj.weight.copy_(self.down[:, perm])
+            if self.gate_bias is not None:
+                mlp.gate_proj.bias.copy_(self.gate_bias[perm])
+                mlp.up_proj.bias.copy_(self.up_bias[perm])
+                mlp.down_proj.bias.copy_(self.down_bias)
+            mlp.router.weight.copy_(self.router.weight)
+        return mlp.to(self.gate.device)

@@ -1,0 +1,65 @@
+"""Perplexity over non-overlapping windows (the usual WikiText-2 protocol).
+
+The text is tokenized once (with the tokenizer's own special tokens, i.e. one BOS at the
+start where the model uses one) and cut into ``len // seq_len`` windows of ``seq_len``
+tokens; every token after the first of each window is predicted.
+``ppl = exp(total NLL / predicted tokens)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CalibrationDataError
+
+
+def load_eval_ids(tokenizer: Any, path: str | Path) -> torch.Tensor:
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationDataError(f"evaluation text not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    seq_len: int = 1024,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    n_windows = ids.numel() // seq_len
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows < 1:
+        raise CalibrationDataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    nll = 0.0
+    count = 0
+    t0 = time.time()
+    for s in range(0, n_windows, batch_size):
+        batch = windows[s : s + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += float(loss)
+        count += batch[:, 1:].numel()
+        if progress is not None:
+            progress(min(s + batch_size, n_windows), n_windows)
+    return {
+        "ppl": math.exp(nll / count),
+        "nll": nll / count,
+        "tokens": count,
+        "windows": n_windows,
+        "seq_len": seq_len,
+        "seconds": time.time() - t0,
+    }

