@@ -28,8 +28,8 @@ class ConvertConfig:
     seq_len: int = 512
     val_fraction: float = 0.125
     # layer-wise training
-    steps: int = 150
-    batch_tokens: int = 4096
+    steps: int = 40
+    batch_tokens: int = 2048
     lr_affinity: float = 0.05
     lr_router: float = 3e-3
     tau_start: float = 1.0
@@ -39,7 +39,7 @@ class ConvertConfig:
     init: str = "act-cluster"
     z_loss_weight: float = 1e-3
     balance_weight: float = 1e-2
-    eval_every: int = 25
+    eval_every: int = 10
     weights: str = "ridge"
     weight_steps: int = 150
     lr_weights: float = 1e-4

@@ -76,7 +76,8 @@ class DotMoeLayer(nn.Module):
         self.caps = [int((init_assign == e).sum()) for e in range(n_exp)]
         learn_assignment = learn_assignment and n_exp > 1
         self.learn_assignment = learn_assignment
-        self.affinity = nn.Parameter(init_margin * assignment_matrix(init_assign, n_exp), requires_grad=learn_assignment)
+        init_affinity = assignment_matrix(init_assign, n_exp) if n_exp else torch.zeros(init_assign.numel(), 0)
+        self.affinity = nn.Parameter(init_margin * init_affinity, requires_grad=learn_assignment)
         self.router = nn.Linear(ffn.d_model, n_exp, bias=False)
         nn.init.zeros_(self.router.weight)
         self.aux: dict[str, torch.Tensor] = {}
@@ -167,4 +168,5 @@ class DotMoeLayer(nn.Module):
                 mlp.up_proj.bias.copy_(self.up_bias[perm])
                 mlp.down_proj.bias.copy_(self.down_bias)
             mlp.router.weight.copy_(self.router.weight)
+        mlp.source_neurons = perm.tolist()  # provenance for moefy.json (not a weight)
         return mlp.to(self.gate.device)

@@ -52,4 +52,6 @@ class MoefyConfig(PretrainedConfig):
     def to_base_config(self) -> PretrainedConfig:
         cfg = dict(self.base_config)
         model_type = cfg.pop("model_type")
+        for key in ("_attn_implementation", "_attn_implementation_internal", "attn_implementation"):
+            cfg.pop(key, None)
         return AutoConfig.for_model(model_type, **cfg)

@@ -203,8 +203,12 @@ class MoefyForCausalLM(MoefyPreTrainedModel, GenerationMixin):
         super().__init__(config)
         if base_model is None:
             base_cfg = config.to_base_config()
-            base_cfg._attn_implementation = config._attn_implementation  # type: ignore[attr-defined]
-            base_model = AutoModelForCausalLM.from_config(base_cfg)
+            try:
+                base_model = AutoModelForCausalLM.from_config(
+                    base_cfg, attn_implementation=config._attn_implementation
+                )
+            except ValueError:  # the base family does not support that attention kernel
+                base_model = AutoModelForCausalLM.from_config(base_cfg, attn_implementation="eager")
             bias = bool(config.base_config.get("mlp_bias", False))
             for i, layer in enumerate(base_model.model.layers):
                 mlp = build_moe_mlp(config, i, base_cfg.hidden_size, bias)

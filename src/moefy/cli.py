@@ -1,0 +1,222 @@
+"""Command-line interface: ``moefy convert``, ``moefy eval``.
+
+Every user-facing failure is a :class:`moefy.errors.MoefyError`: one line on stderr and its
+own exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import CalibrationDataError, ConfigError, InterruptedRun, MoefyError, OutOfMemoryError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert dense decoder LLMs into sparse Mixture-of-Experts (DOT-MoE).")
+console = Console(stderr=True)
+
+
+class _Bars:
+    """Rich progress bars keyed by stage name."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "_Bars":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+def _log(msg: str) -> None:
+    console.print(f"[dim]moefy:[/dim] {msg}")
+
+
+@app.command()
+def convert(
+    model: Annotated[str, typer.Argument(help="HF directory, .gguf file, hub id, or alias 'smollm2-135m'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.")],
+    experts: Annotated[int, typer.Option("--experts", "-E", help="Routed experts per FFN.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts each token uses.")] = 2,
+    method: Annotated[str, typer.Option(help="dot | dot-frozen | random | param-cluster | act-cluster | prune")] = "dot",
+    shared: Annotated[int, typer.Option("--shared", help="Always-active shared neurons per layer (taken from the routed budget).")] = 0,
+    calib: Annotated[Optional[list[Path]], typer.Option("--calib", help="Calibration text (.txt/.jsonl/.json); repeatable. None: data-free.")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration token budget.")] = 32768,
+    seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
+    stage: Annotated[str, typer.Option(help="layerwise | e2e | both")] = "layerwise",
+    weights: Annotated[str, typer.Option(help="Expert weight adaptation: none | ridge | grad | grad+ridge")] = "ridge",
+    steps: Annotated[int, typer.Option(help="Layer-wise assignment training steps per layer.")] = 40,
+    e2e_steps: Annotated[int, typer.Option(help="End-to-end training steps.")] = 100,
+    init: Annotated[str, typer.Option(help="DOT-MoE initial split: act-cluster | param-cluster | random")] = "act-cluster",
+    rounding: Annotated[str, typer.Option(help="greedy (paper) | exact (transport LP)")] = "greedy",
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated decoder layers to convert (default all).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Convert MODEL into an MoE checkpoint at --out."""
+    from .config import ConvertConfig
+    from .runner import run_convert, work_dir_for
+
+    layer_list = None
+    if layers:
+        try:
+            layer_list = [int(v) for v in layers.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    cfg = ConvertConfig(
+        n_experts=experts, top_k=top_k, method=method, n_shared=shared, stage=stage, seed=seed,
+        calib_tokens=calib_tokens, seq_len=seq_len, weights=weights, steps=steps, e2e_steps=e2e_steps,
+        init=init, rounding=rounding, layers=layer_list,
+    )
+    cfg.validate()
+    try:
+        with _Bars() as bars:
+            result = run_convert(model, out, cfg, [str(c) for c in calib or []], overwrite=overwrite, log=_log, progress=bars)
+    except KeyboardInterrupt:
+        raise InterruptedRun(
+            f"interrupted; finished layers are saved in {work_dir_for(out)}; rerun the same command to resume"
+        ) from None
+    rec = result.record
+    table = Table(title=f"moefy convert -> {result.out}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for k, v in [
+        ("method", rec["method"]), ("experts / top-k", f"{rec['n_experts']} / {rec['top_k']}"),
+        ("shared neurons", rec["n_shared"]), ("active FFN fraction", f"{rec['active_fraction']:.3f}"),
+        ("calibration tokens", rec["calibration"]["tokens"]),
+        ("mean rel. error (init)", f"{rec['summary']['mean_error_init']:.4f}"),
+        ("mean rel. error (routed)", f"{rec['summary']['mean_error_routed']:.4f}"),
+        ("mean rel. error (final)", f"{rec['summary']['mean_error_final']:.4f}"),
+        ("wall time", f"{rec['wall_seconds']:.0f} s"),
+    ]:
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    models: Annotated[list[str], typer.Argument(help="Dense model(s) (as for convert) and/or converted directories.")],
+    ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Text file for perplexity (e.g. wiki.test.raw).")] = None,
+    seq_len: Annotated[int, typer.Option(help="Perplexity window length.")] = 1024,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated zero-shot tasks, e.g. arc_easy,piqa,hellaswag.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="First N items of each task.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Folder with commonsense/ and hellaswag/ data.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Zero-shot batch size.")] = 16,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here.")] = None,
+) -> None:
+    """Perplexity and/or zero-shot accuracy of each MODEL (one table; JSON per model)."""
+    if ppl is None and not tasks:
+        raise ConfigError("nothing to evaluate: give --ppl FILE and/or --tasks")
+    if ppl is not None and not ppl.is_file():
+        raise CalibrationDataError(f"evaluation text not found: {ppl}")
+    results = [
+        _eval_one(m, ppl, seq_len, max_windows, tasks, limit, data_root, batch_size) for m in models
+    ]
+    table = Table(title="moefy eval")
+    table.add_column("metric")
+    for m in models:
+        table.add_column(m, justify="right")
+    if ppl is not None:
+        table.add_row(f"perplexity ({results[0]['tokens']} tokens)", *[f"{r['ppl']:.3f}" for r in results])
+    for name in results[0].get("tasks", {}):
+        table.add_row(
+            f"{name} acc / acc_norm (n={results[0]['tasks'][name]['n']})",
+            *[f"{r['tasks'][name]['acc']:.4f} / {r['tasks'][name]['acc_norm']:.4f}" for r in results],
+        )
+    console.print(table)
+    payload: Any = results[0] if len(results) == 1 else {"models": results}
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_out.with_suffix(json_out.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, json_out)
+
+
+def _eval_one(
+    model: str,
+    ppl: Path | None,
+    seq_len: int,
+    max_windows: int | None,
+    tasks: str | None,
+    limit: int | None,
+    data_root: Path | None,
+    batch_size: int,
+) -> dict[str, Any]:
+    from .evaluate import load_eval_ids, perplexity
+    from .models import load
+
+    loaded = load(model)
+    result: dict[str, Any] = {"model": model, "loaded_from": loaded.source}
+    with _Bars() as bars:
+        if ppl is not None:
+            ids = load_eval_ids(loaded.tokenizer, ppl)
+            r = perplexity(
+                loaded.model, ids, seq_len=seq_len, max_windows=max_windows,
+                progress=lambda d, t: bars(f"perplexity {model}", d, t),
+            )
+            result.update(r)
+            result["ppl_file"] = str(ppl)
+    if tasks:
+        from .zeroshot import evaluate_tasks
+
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        try:
+            result["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, names, data_root=data_root, limit=limit, batch_size=batch_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning moefy errors into one line and an exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except MoefyError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("[bold red]error:[/bold red] interrupted")
+        sys.exit(130)
+    except MemoryError:
+        err = OutOfMemoryError("out of memory; lower --calib-tokens or --seq-len (or convert fewer --layers at a time)")
+        console.print(f"[bold red]error:[/bold red] {err}")
+        sys.exit(err.exit_code)
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower() or "not enough memory" in str(exc).lower():
+            err = OutOfMemoryError("out of memory; lower --calib-tokens or --seq-len (or convert fewer --layers at a time)")
+            console.print(f"[bold red]error:[/bold red] {err}")
+            sys.exit(err.exit_code)
+        raise
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors etc.
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
