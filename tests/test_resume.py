@@ -49,3 +49,33 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     for k in a:
         assert (a[k] == b[k]).all(), k
     assert not work.exists()
+
+
+def test_e2e_interrupt_then_resume_is_identical(tmp_path):
+    import pytest
+
+    from moefy.config import ConvertConfig
+    from moefy.runner import run_convert, work_dir_for
+
+    def cfg() -> ConvertConfig:
+        return ConvertConfig(n_experts=4, top_k=2, calib_tokens=1024, seq_len=64, steps=3, stage="both",
+                             e2e_steps=6, e2e_batch=2, e2e_checkpoint_every=2, seed=1)
+
+    quiet = lambda *_: None  # noqa: E731
+    ref = run_convert(str(STORIES), tmp_path / "ref", cfg(), [str(TINYSTORIES)], log=quiet)
+
+    def stop_at_step_5(stage: str, done: int, total: int) -> None:
+        if stage == "end-to-end" and done == 5:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_convert(str(STORIES), out, cfg(), [str(TINYSTORIES)], log=quiet, progress=stop_at_step_5)
+    assert not out.exists() and (work_dir_for(out) / "e2e.json").exists()
+    logs: list[str] = []
+    res = run_convert(str(STORIES), out, cfg(), [str(TINYSTORIES)], log=logs.append)
+    assert any("end-to-end stage at step 4" in m for m in logs)
+    assert res.record["e2e_kl"] == ref.record["e2e_kl"]
+    a, b = load_file(str(ref.out / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in a:
+        assert (a[k] == b[k]).all(), k

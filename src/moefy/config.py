@@ -49,6 +49,7 @@ class ConvertConfig:
     e2e_lr_affinity: float = 0.02
     e2e_lr_router: float = 1e-3
     e2e_lr_weights: float = 0.0
+    e2e_checkpoint_every: int = 25
     kl_weight: float = 1.0
     ce_weight: float = 0.1
     layers: list[int] | None = field(default=None)

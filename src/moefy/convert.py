@@ -218,19 +218,6 @@ def layerwise_stage(
     return reports
 
 
-def convert_untrained(model: nn.Module, cfg: ConvertConfig, h_sample_fn: Callable[[int], torch.Tensor] | None = None) -> None:
-    """Swap in MoE layers without layer-wise training (for an e2e-only run): heuristic or
-    random initial split, zero router."""
-    adapter = get_adapter(model.config)
-    for i, layer in enumerate(adapter.layers(model)):
-        if i not in layers_to_convert(cfg, len(adapter.layers(model))):
-            continue
-        ffn = adapter.ffn_weights(layer.mlp)
-        h = h_sample_fn(i) if h_sample_fn is not None else torch.randn(256, ffn.d_ffn)
-        split = initial_split(cfg.method, cfg.init, ffn, h, cfg, cfg.seed + i)
-        layer.mlp = make_layer(layer.mlp, adapter, model.config, split, cfg)
-
-
 def dot_layers(model: nn.Module) -> list[DotMoeLayer]:
     return [m for m in model.modules() if isinstance(m, DotMoeLayer)]
 
@@ -241,11 +228,16 @@ def e2e_stage(
     cfg: ConvertConfig,
     teacher_mlps: dict[int, nn.Module],
     progress: Progress | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-    start_step: int = 0,
+    checkpoint: Callable[[int, dict[str, torch.Tensor], dict[str, Any], list[float]], None] | None = None,
+    checkpoint_every: int = 25,
+    resume: tuple[int, dict[str, torch.Tensor], dict[str, Any], list[float]] | None = None,
 ) -> list[float]:
     """Joint training of all assignments and routers (and weights if ``e2e_lr_weights > 0``)
-    on KL(dense || MoE) + LM cross-entropy + z-loss + load balance."""
+    on KL(dense || MoE) + LM cross-entropy + z-loss + load balance.
+
+    Every ``checkpoint_every`` steps ``checkpoint(step, layer_states, optimizer_state, losses)``
+    is called; ``resume`` (the same tuple) continues from such a checkpoint, replaying the batch
+    sampler so the result equals an uninterrupted run."""
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
     dots = {i: layer.mlp for i, layer in enumerate(layers) if isinstance(layer.mlp, DotMoeLayer)}
@@ -266,10 +258,15 @@ def e2e_stage(
             w.requires_grad_(True)
         groups.append({"params": ws, "lr": cfg.e2e_lr_weights})
     opt = torch.optim.Adam(groups)
+    start_step, losses = 0, []
+    if resume is not None:
+        start_step, states, opt_state, losses = resume[0], resume[1], resume[2], list(resume[3])
+        for i, d in dots.items():
+            d.load_state_dict({k.split(".", 1)[1]: v for k, v in states.items() if k.split(".", 1)[0] == str(i)})
+        opt.load_state_dict(opt_state)
     gen = torch.Generator().manual_seed(cfg.seed + 7919)
     for _ in range(start_step):  # replay the sampler so a resumed run sees the same batches
         torch.randint(0, calib.shape[0], (min(cfg.e2e_batch, calib.shape[0]),), generator=gen)
-    losses: list[float] = []
     for p in model.parameters():
         if not any(p is q for g in groups for q in g["params"]):
             p.requires_grad_(False)
@@ -296,9 +293,10 @@ def e2e_stage(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(kl))
-        if on_step is not None:
-            on_step(step, float(kl))
+        losses.append(float(kl.detach()))
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0) and step + 1 < cfg.e2e_steps:
+            states = {f"{i}.{k}": v for i, d in dots.items() for k, v in d.state_dict().items()}
+            checkpoint(step + 1, states, opt.state_dict(), losses)
         if progress is not None:
             progress("end-to-end", step + 1, cfg.e2e_steps)
     for d in dots.values():

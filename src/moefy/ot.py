@@ -60,9 +60,13 @@ def sinkhorn_log(
         raise ValueError(f"capacities sum to {float(c.sum())}, not to the {n} neurons")
     if tau <= 0:
         raise ValueError(f"temperature must be > 0, got {tau}")
+    # float64 inside: with large A/tau the potentials reach thousands and float32 cancellation
+    # would cost the marginals their accuracy; the result is cast back to the input dtype.
+    work = torch.float64 if affinity.dtype in (torch.float32, torch.float64) else torch.float32
+    c = c.to(work)
     log_c = torch.log(c)
-    logits = affinity / tau
-    v = torch.zeros(n_exp, dtype=affinity.dtype, device=affinity.device)
+    logits = affinity.to(work) / tau
+    v = torch.zeros(n_exp, dtype=work, device=affinity.device)
     u = -torch.logsumexp(logits + v, dim=1, keepdim=True)
     for _ in range(n_iter):
         v = log_c - torch.logsumexp(logits + u, dim=0)
@@ -71,7 +75,7 @@ def sinkhorn_log(
             col = torch.logsumexp(logits + u + v, dim=0)
             if float((col - log_c).abs().max()) < tol:
                 break
-    return logits + u + v
+    return (logits + u + v).to(affinity.dtype)
 
 
 def round_greedy(soft: torch.Tensor, caps: list[int]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from . import __version__
 from .adapters import get_adapter
 from .calibration import CalibrationSet, from_files, sample_from_model
 from .config import ConvertConfig
-from .convert import active_fraction, convert_untrained, e2e_stage, layerwise_stage, make_layer, summary
+from .convert import active_fraction, e2e_stage, layerwise_stage, make_layer, summary
 from .dotmoe import DotMoeLayer
 from .errors import ConfigError, OutputExistsError
 from .export import save_checkpoint, to_moefy_model
@@ -100,6 +100,28 @@ class WorkDir:
         _atomic_save(dict(layer.state_dict()), self.path / f"layer_{i:04d}.safetensors")
         _atomic_json(report.to_dict(), self.path / f"layer_{i:04d}.json")
 
+    def save_e2e(self, step: int, states: dict[str, torch.Tensor], opt_state: dict[str, Any], losses: list[float]) -> None:
+        tensors = {f"model.{k}": v for k, v in states.items()}
+        for idx, st in opt_state["state"].items():
+            for name, v in st.items():
+                tensors[f"opt.{idx}.{name}"] = torch.as_tensor(v)
+        _atomic_save(tensors, self.path / "e2e.safetensors")
+        _atomic_json({"step": step, "param_groups": opt_state["param_groups"], "losses": losses}, self.path / "e2e.json")
+
+    def load_e2e(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], list[float]] | None:
+        meta_p, tens_p = self.path / "e2e.json", self.path / "e2e.safetensors"
+        if not (meta_p.is_file() and tens_p.is_file()):
+            return None
+        meta = json.loads(meta_p.read_text())
+        tensors = load_file(str(tens_p))
+        states = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, name = k.split(".", 2)
+                opt_state["state"].setdefault(int(idx), {})[name] = v
+        return int(meta["step"]), states, opt_state, list(meta["losses"])
+
     def finished_layers(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.path.glob("layer_*.json"))
 
@@ -172,18 +194,23 @@ def run_convert(
             log(f"resuming: {len(restored)} layer(s) already converted in {work.path}")
 
     teacher = {i: layer.mlp for i, layer in enumerate(layers)}
-    if cfg.stage in ("layerwise", "both"):
 
-        def done(i: int, rep: LayerReport) -> None:
-            reports[i] = rep
-            work.save_layer(i, layers[i].mlp, rep)
+    def done(i: int, rep: LayerReport) -> None:
+        reports[i] = rep
+        work.save_layer(i, layers[i].mlp, rep)
 
-        layerwise_stage(model, calib.ids, cfg, batch=8, progress=progress, on_layer_done=done, restored=restored)
-    else:
-        convert_untrained(model, cfg)
+    # e2e alone still starts from calibrated initial splits and least-squares routers
+    lw_cfg = cfg if cfg.stage != "e2e" else replace(cfg, steps=0, weights="none")
+    layerwise_stage(model, calib.ids, lw_cfg, batch=8, progress=progress, on_layer_done=done, restored=restored)
     e2e_losses: list[float] = []
     if cfg.stage in ("e2e", "both"):
-        e2e_losses = e2e_stage(model, calib.ids, cfg, teacher, progress=progress)
+        resume = work.load_e2e() if resuming else None
+        if resume is not None:
+            log(f"resuming the end-to-end stage at step {resume[0]}")
+        e2e_losses = e2e_stage(
+            model, calib.ids, cfg, teacher, progress=progress, checkpoint=work.save_e2e,
+            checkpoint_every=cfg.e2e_checkpoint_every, resume=resume,
+        )
 
     moe = to_moefy_model(model)
     ordered = [reports[i] for i in sorted(reports)]

@@ -43,6 +43,14 @@ class MoefyMLP(nn.Module):
 
     ``forward`` computes only the experts each token uses; :meth:`forward_reference`
     computes every neuron and masks, which is the training-time definition (kept for tests).
+
+    Fast path.  Expert ``e`` owns neurons ``offsets[e]:offsets[e+1]``: rows of ``gate_proj`` /
+    ``up_proj`` and columns of ``down_proj``, always read through views (never gathered).
+    With ``transpose_down`` (default) the first inference call re-lays ``down_proj.weight`` out
+    in memory as the transpose of a contiguous ``[intermediate, hidden]`` tensor: its shape,
+    values and state-dict key do not change, but an expert's down-projection becomes one
+    contiguous block instead of ``hidden`` short strided rows (about 1.7x faster batch-1
+    decode for 64 small experts on CPU; the same speed for 8 experts).
     """
 
     def __init__(
@@ -81,11 +89,25 @@ class MoefyMLP(nn.Module):
         for s in self.expert_sizes:
             offsets.append(offsets[-1] + s)
         self.offsets = offsets
+        self.transpose_down = True
+        self._down_laid_out = False
 
     # ----------------------------------------------------------------- routing
-    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense ``[tokens, E]`` weights, zero for experts a token does not use."""
-        logits = self.router(x)
+    def _topk_route(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chosen experts ``[tokens, k]`` and their weights (``None`` for mask gating: all 1)."""
+        k = int(self.top_k)
+        top = logits.topk(k, dim=-1)
+        if self.gating == "mask":
+            return top.indices, None
+        if self.gating == "softmax":
+            vals = torch.softmax(logits.float(), dim=-1).gather(-1, top.indices).to(dtype)
+        elif self.gating == "softmax-renorm":
+            vals = torch.softmax(top.values.float(), dim=-1).to(dtype)
+        else:
+            raise ValueError(f"unknown gating {self.gating!r}")
+        return top.indices, vals
+
+    def _dense_weights(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.router_type == "lapsum":
             scores = logits.float()
             t = lapsum_threshold_bisect(scores, float(self.top_k), self.lapsum_alpha)
@@ -94,18 +116,15 @@ class MoefyMLP(nn.Module):
             if self.max_active is not None and self.max_active < self.n_experts:
                 kth = w.topk(self.max_active, dim=-1).values[..., -1:]
                 w = torch.where(w >= kth, w, torch.zeros_like(w))
-            return w.to(x.dtype)
-        k = int(self.top_k)
-        top = logits.topk(k, dim=-1)
-        if self.gating == "mask":
-            vals = torch.ones_like(top.values)
-        elif self.gating == "softmax":
-            vals = torch.softmax(logits.float(), dim=-1).gather(-1, top.indices).to(x.dtype)
-        elif self.gating == "softmax-renorm":
-            vals = torch.softmax(top.values.float(), dim=-1).to(x.dtype)
-        else:
-            raise ValueError(f"unknown gating {self.gating!r}")
-        return torch.zeros_like(logits).scatter(-1, top.indices, vals)
+            return w.to(dtype)
+        idx, vals = self._topk_route(logits, dtype)
+        if vals is None:
+            vals = torch.ones(idx.shape, dtype=logits.dtype, device=logits.device)
+        return torch.zeros_like(logits).scatter(-1, idx, vals)
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense ``[tokens, E]`` weights, zero for experts a token does not use."""
+        return self._dense_weights(self.router(x), x.dtype)
 
     # ----------------------------------------------------------------- forward
     def _expert(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -115,30 +134,106 @@ class MoefyMLP(nn.Module):
         return self.act_fn(F.linear(x, self.gate_proj.weight[lo:hi], gb)) * F.linear(x, self.up_proj.weight[lo:hi], ub)
 
     def _down(self, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return F.linear(h, self.down_proj.weight[:, lo:hi])
+        return torch.mm(h, self.down_proj.weight.t()[lo:hi])
+
+    def _down_t(self) -> torch.Tensor:
+        """``down_proj.weight.t()`` (``[intermediate, hidden]``): expert ``e`` is rows ``lo:hi``.
+
+        The first call (outside training) stores the weight transposed-contiguous in memory,
+        so those rows are one contiguous block; any layout still computes the same thing.
+        """
+        w = self.down_proj.weight
+        if self.transpose_down and not self._down_laid_out and not self.training and w.device.type != "meta":
+            self._down_laid_out = True
+            if w.dim() == 2 and w.numel() and w.stride(0) != 1:
+                with torch.inference_mode(False), torch.no_grad():
+                    w.data = w.data.t().contiguous().t()
+        return w.t()
+
+    def _shared_out(self, x: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+        if self.n_shared:
+            return torch.mm(self._expert(x, 0, self.n_shared), down_t[: self.n_shared])
+        return x.new_zeros(x.shape[0], self.hidden_size)
+
+    def _decode(self, x: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+        """One token: loop over its chosen experts, reading only their weights (views)."""
+        out = self._shared_out(x, down_t)
+        logits = self.router(x)
+        if self.router_type == "lapsum":
+            w = self._dense_weights(logits, x.dtype)
+            chosen = torch.nonzero(w[0]).flatten().tolist()
+            vals: torch.Tensor | None = w.index_select(1, torch.tensor(chosen, device=x.device))
+        else:
+            idx, vals = self._topk_route(logits, x.dtype)
+            chosen = idx[0].tolist()
+        offsets = self.offsets
+        for j, e in enumerate(chosen):
+            lo, hi = offsets[e], offsets[e + 1]
+            if lo == hi:
+                continue
+            h = self._expert(x, lo, hi)
+            if vals is not None:
+                h = h * vals[:, j : j + 1]
+            out.addmm_(h, down_t[lo:hi])
+        return out
+
+    def _grouped(self, x: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+        """Many tokens: sort the (token, expert) pairs by expert, one matmul per used expert."""
+        logits = self.router(x)
+        n_tok = x.shape[0]
+        if self.router_type == "lapsum":
+            w = self._dense_weights(logits, x.dtype)
+            expert, tok = torch.nonzero(w.t(), as_tuple=True)  # sorted by expert, then token
+            ws: torch.Tensor | None = w[tok, expert]
+        else:
+            idx, vals = self._topk_route(logits, x.dtype)
+            k = idx.shape[1]
+            flat = idx.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            expert = flat.index_select(0, order)
+            tok = torch.div(order, k, rounding_mode="floor")
+            ws = vals.reshape(-1).index_select(0, order) if vals is not None else None
+        counts = torch.bincount(expert, minlength=self.n_experts).tolist()
+        xs = x.index_select(0, tok)
+        track = torch.is_grad_enabled()
+        ys = x.new_empty(xs.shape[0], self.hidden_size) if not track else None
+        pieces: list[torch.Tensor] = []
+        start = 0
+        offsets = self.offsets
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            lo, hi = offsets[e], offsets[e + 1]
+            sl = slice(start, start + c)
+            start += c
+            if lo == hi:
+                if track:
+                    pieces.append(x.new_zeros(c, self.hidden_size))
+                else:
+                    ys[sl].zero_()  # type: ignore[index]
+                continue
+            h = self._expert(xs[sl], lo, hi)
+            if ws is not None:
+                h = h * ws[sl, None]
+            if track:
+                pieces.append(torch.mm(h, down_t[lo:hi]))
+            else:
+                torch.mm(h, down_t[lo:hi], out=ys[sl])  # type: ignore[index]
+        if track:
+            ys = torch.cat(pieces) if pieces else x.new_zeros(0, self.hidden_size)
+        out = self._shared_out(x, down_t)
+        return out.index_add_(0, tok, ys) if n_tok else out
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        out = torch.zeros_like(x)
-        if self.n_shared:
-            out = out + self._down(self._expert(x, 0, self.n_shared), 0, self.n_shared)
+        down_t = self._down_t()
         if self.n_experts == 0:
-            pass
+            out = self._shared_out(x, down_t)
         elif x.shape[0] == 1:
-            weights = self.routing_weights(x)
-            chosen = torch.nonzero(weights[0]).flatten().tolist()
-            for e in chosen:
-                lo, hi = self.offsets[e], self.offsets[e + 1]
-                out = out + self._down(self._expert(x, lo, hi), lo, hi) * weights[0, e]
+            out = self._decode(x, down_t)
         else:
-            weights = self.routing_weights(x)
-            active = weights != 0
-            for e in torch.nonzero(active.any(dim=0)).flatten().tolist():
-                tok = torch.nonzero(active[:, e]).flatten()
-                lo, hi = self.offsets[e], self.offsets[e + 1]
-                y = self._down(self._expert(x.index_select(0, tok), lo, hi), lo, hi)
-                out.index_add_(0, tok, y * weights.index_select(0, tok)[:, e : e + 1])
+            out = self._grouped(x, down_t)
         if self.down_proj.bias is not None:
             out = out + self.down_proj.bias
         return out.reshape(shape)
