@@ -1,4 +1,4 @@
-"""Command-line interface: ``moefy convert``, ``moefy eval``.
+"""Command-line interface: ``moefy convert``, ``moefy eval``, ``moefy export``.
 
 Every user-facing failure is a :class:`moefy.errors.MoefyError`: one line on stderr and its
 own exit code, never a traceback.
@@ -150,6 +150,24 @@ def eval_cmd(
         os.replace(tmp, json_out)
 
 
+@app.command("export")
+def export_cmd(
+    model: Annotated[Path, typer.Argument(help="A moefy checkpoint directory (the output of moefy convert).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="hf | mixtral | qwen2-moe | gguf")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (hf, mixtral, qwen2-moe) or .gguf file.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="GGUF tensor type: f32 | f16 (HF formats keep the checkpoint's dtype).")] = "f32",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Export MODEL for serving: stock Mixtral / Qwen2-MoE checkpoints, a llama.cpp GGUF, or a copy.
+
+    Refused (exit 15, nothing written) when the target cannot compute exactly the same function."""
+    from .serving_export import export_checkpoint
+
+    _log(f"exporting {model} as {fmt}")
+    path = export_checkpoint(model, fmt, out, overwrite=overwrite, dtype=dtype)
+    console.print(f"exported {fmt} -> {path}")
+
+
 def _eval_one(
     model: str,
     ppl: Path | None,
@@ -183,6 +201,51 @@ def _eval_one(
         except ValueError as exc:
             raise ConfigError(str(exc).splitlines()[0]) from None
     return result
+
+
+@app.command()
+def compare(
+    model: Annotated[str, typer.Argument(help="Dense model (as for convert).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report directory (resumable).")],
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "dot,dot-frozen,random,param-cluster,act-cluster,prune",
+    grid: Annotated[str, typer.Option(help="Comma-separated E:k points.")] = "8:2,8:4",
+    calib: Annotated[Optional[list[Path]], typer.Option("--calib", help="Calibration text; repeatable.")] = None,
+    calib_tokens: Annotated[int, typer.Option(help="Calibration token budget (same for every method).")] = 16384,
+    seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
+    shared: Annotated[int, typer.Option("--shared", help="Always-active shared neurons per layer.")] = 0,
+    steps: Annotated[int, typer.Option(help="Layer-wise assignment steps (DOT-MoE).")] = 40,
+    weights: Annotated[str, typer.Option(help="none | ridge | grad | grad+ridge")] = "ridge",
+    ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Perplexity text.")] = None,
+    eval_seq_len: Annotated[int, typer.Option(help="Perplexity window.")] = 1024,
+    max_windows: Annotated[Optional[int], typer.Option(help="First N perplexity windows.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Zero-shot tasks, comma-separated.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="First N items per task.")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Folder with commonsense/ and hellaswag/.")] = None,
+    keep_models: Annotated[bool, typer.Option(help="Keep each cell's converted checkpoint.")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Run a (method x E:k) grid through the same pipeline and write a report."""
+    from .compare import parse_grid, run_compare
+    from .config import ConvertConfig
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    points = parse_grid(grid)
+    base = ConvertConfig(calib_tokens=calib_tokens, seq_len=seq_len, n_shared=shared, steps=steps, weights=weights, seed=seed)
+    for m in method_list:
+        for e, k in points:
+            replace_cfg = ConvertConfig(**{**base.to_dict(), "method": m, "n_experts": e, "top_k": k})
+            replace_cfg.validate()
+    if ppl is None and not tasks:
+        raise ConfigError("nothing to evaluate: give --ppl FILE and/or --tasks")
+    results = run_compare(
+        model, out, method_list, points, base, [str(c) for c in calib or []], str(ppl) if ppl else None,
+        seq_len=eval_seq_len, max_windows=max_windows,
+        tasks=[t.strip() for t in tasks.split(",")] if tasks else [], limit=limit,
+        data_root=str(data_root) if data_root else None, keep_models=keep_models, log=_log,
+        command="moefy " + " ".join(sys.argv[1:]),
+    )
+    console.print((out / "report.md").read_text())
+    _log(f"report written to {out} ({len(results['cells'])} cells)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,687 @@
+"""Export a moefy checkpoint to what people serve with: one writer per output format.
+
+=============  ==============================================================================
+``hf``         the moefy checkpoint itself (a copy: transformers with moefy installed, or
+               ``trust_remote_code=True``)
+``mixtral``    stock ``MixtralForCausalLM`` (transformers, vLLM, TGI, SGLang, llama.cpp's
+               ``convert_hf_to_gguf.py``, ...)
+``qwen2-moe``  stock ``Qwen2MoeForCausalLM``; shared neurons become its shared expert
+``gguf``       a llama.cpp GGUF file: ``llama`` architecture with 3-D expert tensors
+               (``ffn_{gate,up,down}_exps``) and a router (``ffn_gate_inp``), as llama.cpp
+               stores Mixtral
+=============  ==============================================================================
+
+Only exports that compute exactly the moefy model's function are written.  Anything a
+target cannot represent raises :class:`ExportRefusedError` naming why (see ``*_refusal``).
+Every output is written beside its final path and renamed into place when complete.
+
+Representability, in short (details in each ``*_refusal`` function):
+
+* Mixtral and llama.cpp weight the chosen experts by the router softmax renormalised over the
+  top-k (llama.cpp's llama graph hard-codes ``norm_w=true`` with softmax gating).  That equals
+  moefy's ``softmax-renorm`` gating, and ``mask`` gating only for ``top_k == 1`` (weight 1).
+  Both need every layer converted, one expert count and top-k, no shared neurons, a
+  LLaMA/Mistral base (no attention or MLP biases) and SiLU.
+* Experts of unequal size (and unequal shared sizes across layers, for Qwen2-MoE) are padded
+  to the largest with all-zero neurons: ``silu(0) * 0`` times a zero column adds exactly 0.
+* Qwen2-MoE has a shared expert, gated by ``sigmoid(w . x)``: a zero gate weight gives exactly
+  0.5, so the shared neurons' down-projection is stored doubled (exact: a power of two).  Its
+  router takes ``softmax`` over all experts then top-k, renormalised if ``norm_topk_prob``:
+  moefy ``softmax`` (``norm_topk_prob=false``), ``softmax-renorm`` (``true``) and ``mask`` with
+  ``top_k == 1`` (``true``) are exact.  Unconverted layers become ``mlp_only_layers``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, ExportRefusedError, ModelNotFoundError, UnsupportedModelError
+from .export import atomic_write_dir, prepare_output
+from .hf.modeling_moefy import MoefyForCausalLM, MoefyMLP
+
+FORMATS = ("hf", "mixtral", "qwen2-moe", "gguf")
+GGUF_DTYPES = ("f32", "f16")
+GATINGS = ("mask", "softmax", "softmax-renorm", "lapsum")
+# Stock HF experts are 3-D tensors run by torch's grouped_mm, which needs 16-byte aligned
+# strides: HF exports pad each expert to a multiple of 8 neurons (exact: zero neurons).
+HF_ALIGN = 8
+LLAMA_BASES = ("llama", "mistral")
+QWEN2_MOE_BASES = ("llama", "mistral", "qwen2")
+# files copied next to an exported HF model (tokenizer, generation defaults, provenance)
+SIDE_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "generation_config.json", "moefy.json",
+)
+
+
+# --------------------------------------------------------------------------- loading
+def load_moefy_dir(path: str | Path, dtype: torch.dtype | str = "auto") -> MoefyForCausalLM:
+    """Load a moefy checkpoint directory (safetensors only, no remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    from .models import _check_local_dir, _quiet_transformers
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"moefy checkpoint directory not found: {path}")
+    _check_local_dir(path)
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"cannot read {path / 'config.json'}: {exc}") from None
+    if model_type != "moefy":
+        raise UnsupportedModelError(
+            f"{path} is a {model_type!r} model, not a moefy checkpoint; `moefy export` exports the output of `moefy convert`"
+        )
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False)
+    model.eval()
+    return model
+
+
+def set_gating(model: MoefyForCausalLM, gating: str) -> MoefyForCausalLM:
+    """Set how chosen experts are weighted (``config.gating`` and every layer), in place."""
+    if gating not in GATINGS:
+        raise ConfigError(f"unknown gating {gating!r}; choose one of {', '.join(GATINGS)}")
+    model.config.gating = gating
+    for mlp in moe_layers(model):
+        if mlp is not None:
+            mlp.gating = gating
+    return model
+
+
+# --------------------------------------------------------------------------- inspection
+def base_model(model: MoefyForCausalLM) -> nn.Module:
+    return model.model if isinstance(model, MoefyForCausalLM) else model
+
+
+def moe_layers(model: MoefyForCausalLM) -> list[MoefyMLP | None]:
+    """Per decoder layer: its :class:`MoefyMLP`, or ``None`` for a dense (unconverted) FFN."""
+    layers = base_model(model).model.layers
+    return [layer.mlp if isinstance(layer.mlp, MoefyMLP) else None for layer in layers]
+
+
+def _layout_refusal(mlps: list[MoefyMLP]) -> str | None:
+    """Why these MoE layers cannot share one expert count and top-k, or None.  (Unequal expert
+    or shared sizes are fine: exports pad them with all-zero neurons, which add exactly 0.)"""
+    first = mlps[0]
+    for m in mlps:
+        if m.n_experts != first.n_experts:
+            return f"layers with different expert counts ({first.n_experts} and {m.n_experts})"
+        if float(m.top_k) != float(first.top_k):
+            return f"layers with different top-k ({first.top_k} and {m.top_k})"
+    return None
+
+
+def expert_width(mlps: list[MoefyMLP], align: int = 1) -> int:
+    """Neurons per exported expert: the largest expert rounded up to a multiple of ``align``
+    (smaller experts are zero-padded)."""
+    width = max(max(m.expert_sizes) for m in mlps)
+    return -(-width // align) * align
+
+
+def padded_neurons(mlps: list[MoefyMLP], align: int = 1) -> int:
+    """All-zero neurons an export adds to equalise (and align) expert sizes."""
+    width = expert_width(mlps, align)
+    return sum(width * m.n_experts - sum(m.expert_sizes) for m in mlps)
+
+
+def _routing_refusal(fmt: str, mlps: list[MoefyMLP], renorm_only: bool) -> str | None:
+    m = mlps[0]
+    if m.router_type != "topk":
+        return f"{fmt} export needs hard top-k routing; this model uses the {m.router_type!r} router (a variable number of experts per token)"
+    if float(m.top_k) != int(m.top_k):
+        return f"{fmt} export needs an integer top-k, got {m.top_k}"
+    k, gating = int(m.top_k), m.gating
+    if gating == "softmax-renorm" or (gating == "mask" and k == 1):
+        return None
+    if gating == "softmax" and not renorm_only:
+        return None
+    if gating == "mask":
+        return (
+            f"{fmt} export needs top_k=1 or --gating softmax-renorm"
+            + ("" if renorm_only else " or --gating softmax")
+            + f"; this model weights each of its {k} chosen experts 1.0 (mask gating), which "
+            + ("Mixtral" if fmt == "mixtral" else "llama.cpp" if fmt == "gguf" else "Qwen2-MoE")
+            + " cannot represent"
+        )
+    if gating == "softmax":
+        return (
+            f"{fmt} export needs --gating softmax-renorm (or top_k=1 with mask gating); this model weights chosen "
+            "experts by their un-renormalised router probability (softmax gating), which "
+            + ("Mixtral" if fmt == "mixtral" else "llama.cpp's llama architecture")
+            + " cannot represent (qwen2-moe can)"
+        )
+    return f"{fmt} export cannot represent gating {gating!r}"
+
+
+def _base_refusal(fmt: str, model: MoefyForCausalLM, bases: tuple[str, ...]) -> str | None:
+    cfg = model.config.to_base_config()
+    mt = cfg.model_type
+    if mt not in bases:
+        return f"{fmt} export needs a {'/'.join(bases)} base model; this one is {mt!r}"
+    if model.config.hidden_act != "silu" or getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"{fmt} export needs the SiLU activation; this model uses {model.config.hidden_act!r}"
+    if getattr(cfg, "mlp_bias", False):
+        return f"{fmt} export cannot represent FFN biases (mlp_bias=true)"
+    if getattr(cfg, "attention_bias", False):
+        return f"{fmt} export cannot represent attention biases (attention_bias=true)"
+    return None
+
+
+def mixtral_refusal(model: MoefyForCausalLM, fmt: str = "mixtral") -> str | None:
+    """Why ``model`` cannot be exported exactly as Mixtral (or llama.cpp GGUF), or ``None``."""
+    reason = _base_refusal(fmt, model, LLAMA_BASES)
+    if reason:
+        return reason
+    layers = moe_layers(model)
+    dense = [i for i, m in enumerate(layers) if m is None]
+    if dense:
+        return f"{fmt} export needs every layer converted; layers {dense} are still dense (convert without --layers)"
+    mlps = [m for m in layers if m is not None]
+    reason = _layout_refusal(mlps)
+    if reason:
+        return f"{fmt} export needs one expert count and top-k in every layer; this model has {reason}"
+    shared = max(m.n_shared for m in mlps)
+    if shared:
+        return (
+            f"{fmt} export cannot represent shared (always-active) neurons ({shared} per layer); "
+            "use --format qwen2-moe, or convert with --shared 0"
+        )
+    return _routing_refusal(fmt, mlps, renorm_only=True)
+
+
+def qwen2_moe_refusal(model: MoefyForCausalLM) -> str | None:
+    """Why ``model`` cannot be exported exactly as Qwen2-MoE, or ``None``."""
+    fmt = "qwen2-moe"
+    cfg = model.config.to_base_config()
+    mt = cfg.model_type
+    if mt not in QWEN2_MOE_BASES:
+        return f"{fmt} export needs a {'/'.join(QWEN2_MOE_BASES)} base model; this one is {mt!r}"
+    if model.config.hidden_act != "silu" or getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"{fmt} export needs the SiLU activation; this model uses {model.config.hidden_act!r}"
+    if getattr(cfg, "mlp_bias", False):
+        return f"{fmt} export cannot represent FFN biases (mlp_bias=true)"
+    if mt == "llama" and getattr(cfg, "attention_bias", False):
+        return f"{fmt} export cannot represent an attention output bias (attention_bias=true)"
+    if mt == "mistral" and getattr(cfg, "sliding_window", None) is not None:
+        return f"{fmt} export cannot represent Mistral's sliding-window attention (sliding_window={cfg.sliding_window}); use --format mixtral"
+    if mt == "qwen2" and "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
+        return f"{fmt} export cannot represent Qwen2 sliding-window layers (use_sliding_window=true)"
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is not None and head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        return f"{fmt} export needs head_dim = hidden_size / num_attention_heads; this model has head_dim={head_dim}"
+    layers = moe_layers(model)
+    mlps = [m for m in layers if m is not None]
+    if not mlps:
+        return f"{fmt} export needs at least one converted layer"
+    reason = _layout_refusal(mlps)
+    if reason:
+        return f"{fmt} export needs one expert count and top-k in every converted layer; this model has {reason}"
+    for i, layer in enumerate(base_model(model).model.layers):
+        if layers[i] is None and layer.mlp.gate_proj.weight.shape[0] != cfg.intermediate_size:
+            return f"{fmt} export needs every dense layer of width {cfg.intermediate_size}; layer {i} differs"
+    return _routing_refusal(fmt, mlps, renorm_only=False)
+
+
+def gguf_refusal(model: MoefyForCausalLM) -> str | None:
+    """Why ``model`` cannot be exported exactly as a llama.cpp GGUF, or ``None``.
+
+    llama.cpp builds a llama-architecture MoE layer as Mixtral does (softmax, top-k,
+    renormalise), so the Mixtral rules apply; in addition its llama graph has no sliding-window
+    attention and only default/linear RoPE scaling is written here."""
+    reason = mixtral_refusal(model, fmt="gguf")
+    if reason:
+        return reason
+    cfg = model.config.to_base_config()
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and window < cfg.max_position_embeddings:
+        return f"gguf export cannot represent sliding-window attention (sliding_window={window}); llama.cpp's llama architecture attends to the full context"
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        return f"gguf export writes only default or linear RoPE; this model uses rope_type {rope.get('rope_type')!r}"
+    return None
+
+
+def _refuse(reason: str | None) -> None:
+    if reason:
+        raise ExportRefusedError(reason)
+
+
+# --------------------------------------------------------------------------- conversion
+def _expert_tensors(mlp: MoefyMLP, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``gate``/``up`` ``[E, width, hidden]``, ``down`` ``[E, hidden, width]`` and the router
+    ``[E, hidden]``; an expert smaller than ``width`` is padded with all-zero neurons."""
+    e, h = mlp.n_experts, mlp.hidden_size
+    w = mlp.gate_proj.weight
+    gate, up, down = w.new_zeros(e, width, h), w.new_zeros(e, width, h), w.new_zeros(e, h, width)
+    with torch.no_grad():
+        for j in range(e):
+            lo, hi = mlp.offsets[j], mlp.offsets[j + 1]
+            gate[j, : hi - lo] = mlp.gate_proj.weight[lo:hi]
+            up[j, : hi - lo] = mlp.up_proj.weight[lo:hi]
+            down[j, :, : hi - lo] = mlp.down_proj.weight[:, lo:hi]
+        router = mlp.router.weight.detach().clone()
+    return gate, up, down, router
+
+
+def _shared_tensors(mlp: MoefyMLP, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The shared neurons as ``gate``/``up`` ``[width, hidden]`` and ``down`` ``[hidden, width]``, zero-padded."""
+    h, ns = mlp.hidden_size, mlp.n_shared
+    w = mlp.gate_proj.weight
+    gate, up, down = w.new_zeros(width, h), w.new_zeros(width, h), w.new_zeros(h, width)
+    with torch.no_grad():
+        gate[:ns] = mlp.gate_proj.weight[:ns]
+        up[:ns] = mlp.up_proj.weight[:ns]
+        down[:, :ns] = mlp.down_proj.weight[:, :ns]
+    return gate, up, down
+
+
+def _non_mlp_state(model: MoefyForCausalLM) -> dict[str, torch.Tensor]:
+    """Base model tensors other than the FFNs, under the stock ``model.*``/``lm_head`` names."""
+    base = base_model(model)
+    out = {}
+    for name, t in base.state_dict(keep_vars=False).items():
+        if ".mlp." not in name:
+            out[name] = t.detach()
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = base.get_output_embeddings().weight.detach()
+    return out
+
+
+def _common_config(cfg: Any) -> dict[str, Any]:
+    keys = (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings", "rope_parameters",
+        "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+    )
+    return {k: getattr(cfg, k) for k in keys if getattr(cfg, k, None) is not None}
+
+
+def _materialise(cls: type, config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """``cls(config)`` holding ``state`` without allocating or initialising random weights."""
+    config.dtype = dtype
+    with torch.device("meta"):
+        target = cls(config)
+    target.load_state_dict(state, strict=True, assign=True)
+    rotary = target.model.rotary_emb
+    target.model.rotary_emb = type(rotary)(config=config)  # non-persistent buffers, built on CPU
+    if config.tie_word_embeddings:
+        target.lm_head.weight = target.model.embed_tokens.weight
+    leftover = [n for n, t in list(target.named_parameters()) + list(target.named_buffers()) if t.is_meta]
+    if leftover:  # pragma: no cover - a transformers change we do not know about
+        raise ExportRefusedError(f"internal: {cls.__name__} has tensors moefy does not fill: {leftover[:3]}")
+    return target.eval()
+
+
+def to_mixtral(model: MoefyForCausalLM, align: int = HF_ALIGN) -> nn.Module:
+    """A stock ``MixtralForCausalLM`` computing the same function (refuses if not exact)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    _refuse(mixtral_refusal(model))
+    cfg = model.config.to_base_config()
+    mlps = [m for m in moe_layers(model) if m is not None]
+    m0 = mlps[0]
+    config = MixtralConfig(
+        **_common_config(cfg),
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        hidden_act="silu",
+        intermediate_size=expert_width(mlps, align),
+        num_local_experts=m0.n_experts,
+        num_experts_per_tok=int(m0.top_k),
+        sliding_window=getattr(cfg, "sliding_window", None),
+        router_jitter_noise=0.0,
+    )
+    state = _non_mlp_state(model)
+    width = expert_width(mlps, align)
+    for i, mlp in enumerate(mlps):
+        gate, up, down, router = _expert_tensors(mlp, width)
+        p = f"model.layers.{i}.mlp."
+        state[p + "gate.weight"] = router
+        state[p + "experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        state[p + "experts.down_proj"] = down
+    return _materialise(MixtralForCausalLM, config, state, m0.gate_proj.weight.dtype)
+
+
+def to_qwen2_moe(model: MoefyForCausalLM, align: int = HF_ALIGN) -> nn.Module:
+    """A stock ``Qwen2MoeForCausalLM`` computing the same function (refuses if not exact).
+
+    Shared neurons become the shared expert with a zero ``shared_expert_gate`` (sigmoid = 0.5)
+    and a doubled down-projection; a model without shared neurons gets a one-neuron all-zero
+    shared expert (it adds exactly 0)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    _refuse(qwen2_moe_refusal(model))
+    cfg = model.config.to_base_config()
+    layers = moe_layers(model)
+    mlps = [m for m in layers if m is not None]
+    m0 = mlps[0]
+    n_shared = max(m.n_shared for m in mlps)
+    width = expert_width(mlps, align)
+    qkv_bias = cfg.model_type == "qwen2"
+    config = Qwen2MoeConfig(
+        **_common_config(cfg),
+        hidden_act="silu",
+        intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=width,
+        shared_expert_intermediate_size=max(n_shared, 1),
+        num_experts=m0.n_experts,
+        num_experts_per_tok=int(m0.top_k),
+        norm_topk_prob=m0.gating != "softmax",
+        decoder_sparse_step=1,
+        mlp_only_layers=[i for i, m in enumerate(layers) if m is None],
+        qkv_bias=qkv_bias,
+        use_sliding_window=False,
+    )
+    state = _non_mlp_state(model)
+    base_layers = base_model(model).model.layers
+    dtype = m0.gate_proj.weight.dtype
+    for i, mlp in enumerate(layers):
+        p = f"model.layers.{i}.mlp."
+        if mlp is None:
+            dense = base_layers[i].mlp
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                state[p + f"{n}.weight"] = getattr(dense, n).weight.detach()
+            continue
+        gate, up, down, router = _expert_tensors(mlp, width)
+        state[p + "gate.weight"] = router
+        state[p + "experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        state[p + "experts.down_proj"] = down
+        s_gate, s_up, s_down = _shared_tensors(mlp, max(n_shared, 1))
+        state[p + "shared_expert.gate_proj.weight"] = s_gate
+        state[p + "shared_expert.up_proj.weight"] = s_up
+        state[p + "shared_expert.down_proj.weight"] = s_down * 2  # sigmoid(0) = 0.5, exactly undone
+        state[p + "shared_expert_gate.weight"] = torch.zeros(1, mlp.hidden_size, dtype=dtype)
+    return _materialise(Qwen2MoeForCausalLM, config, state, dtype)
+
+
+# --------------------------------------------------------------------------- writers
+def _copy_side_files(src_dir: Path | None, dst: Path, tokenizer: Any = None) -> None:
+    if src_dir is not None:
+        for name in SIDE_FILES:
+            if (src_dir / name).is_file() and not (dst / name).exists():
+                shutil.copy2(src_dir / name, dst / name)
+    elif tokenizer is not None:
+        tokenizer.save_pretrained(str(dst))
+
+
+def write_hf(
+    model: MoefyForCausalLM | None, out: str | Path, src_dir: str | Path | None = None,
+    tokenizer: Any = None, overwrite: bool = False, **_: Any,
+) -> Path:
+    """The moefy checkpoint again: a file copy of ``src_dir``, or ``model`` saved afresh."""
+    if src_dir is not None:
+        src = Path(src_dir)
+
+        def write(tmp: Path) -> None:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+        return atomic_write_dir(Path(out), write, overwrite)
+    from .export import save_checkpoint
+
+    assert model is not None
+    return save_checkpoint(model, tokenizer, out, {"method": "export", "source": "in-memory model"}, overwrite=overwrite)
+
+
+def _hf_writer(convert: Callable[[MoefyForCausalLM], nn.Module], fmt: str) -> Callable[..., Path]:
+    def write_stock(
+        model: MoefyForCausalLM, out: str | Path, src_dir: str | Path | None = None,
+        tokenizer: Any = None, overwrite: bool = False, **_: Any,
+    ) -> Path:
+        target = convert(model)  # refuses before anything is written
+        src = Path(src_dir) if src_dir is not None else None
+
+        def write(tmp: Path) -> None:
+            target.save_pretrained(str(tmp), safe_serialization=True)
+            _copy_side_files(src, tmp, tokenizer)
+            (tmp / "README.md").write_text(
+                f"# {fmt} export of a moefy checkpoint\n\nA stock `{type(target).__name__}` written by `moefy export "
+                f"--format {fmt}`; it computes the same function as the moefy model (checked representable: "
+                f"{_describe(model, HF_ALIGN)}).\n"
+            )
+
+        return atomic_write_dir(Path(out), write, overwrite)
+
+    write_stock.__name__ = f"write_{fmt.replace('-', '_')}"
+    write_stock.__doc__ = f"Write a stock {fmt} checkpoint directory (refuses when not exact)."
+    return write_stock
+
+
+def _describe(model: MoefyForCausalLM, align: int = 1) -> str:
+    mlps = [m for m in moe_layers(model) if m is not None]
+    m = mlps[0]
+    pad = padded_neurons(mlps, align)
+    return (
+        f"{len(mlps)} MoE layers, {m.n_experts} experts x {expert_width(mlps, align)} neurons, top-{m.top_k}, "
+        f"{max(x.n_shared for x in mlps)} shared neurons, gating {m.gating}"
+        + (f", {pad} all-zero padding neurons (exact)" if pad else "")
+    )
+
+
+write_mixtral = _hf_writer(to_mixtral, "mixtral")
+write_qwen2_moe = _hf_writer(to_qwen2_moe, "qwen2-moe")
+
+
+def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF rotate-half q/k rows -> llama.cpp's interleaved RoPE order (as ``convert_hf_to_gguf``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of :func:`permute_qk`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_vocab(src_dir: Path | None, vocab_size: int) -> tuple[str, list[bytes], list[float], list[int], list[str]]:
+    """Tokenizer model name, tokens, scores, token types and BPE merges from ``src_dir``."""
+    import gguf
+
+    if src_dir is None or not ((src_dir / "tokenizer.model").is_file() or (src_dir / "tokenizer.json").is_file()):
+        return "no_vocab", [], [], [], []
+    vocab: Any = None
+    model_name, merges = "llama", []
+    if (src_dir / "tokenizer.model").is_file():
+        try:
+            vocab = gguf.SentencePieceVocab(src_dir)
+        except Exception:  # noqa: BLE001 - fall back to tokenizer.json
+            vocab = None
+    if vocab is None and (src_dir / "tokenizer.json").is_file():
+        try:
+            vocab = gguf.LlamaHfVocab(src_dir)
+        except (FileNotFoundError, TypeError):
+            vocab = gguf.BpeVocab(src_dir)
+            model_name = "gpt2"
+            merges = gguf.SpecialVocab(src_dir, load_merges=True).merges
+    if vocab is None:
+        return "no_vocab", [], [], [], []
+    tokens, scores, types = [], [], []
+    for text, score, typ in vocab.all_tokens():
+        tokens.append(bytes(text))
+        scores.append(float(score))
+        types.append(int(typ))
+    if len(tokens) > vocab_size:
+        raise ExportRefusedError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
+    for i in range(len(tokens), vocab_size):  # as convert_hf_to_gguf pads a short vocabulary
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(int(gguf.TokenType.UNUSED))
+    return model_name, tokens, scores, types, merges
+
+
+def gguf_tensors(model: MoefyForCausalLM, dtype: str = "f32") -> dict[str, Any]:
+    """The GGUF tensors (numpy, llama.cpp names and layouts) of an exactly representable model."""
+    import numpy as np
+
+    _refuse(gguf_refusal(model))
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
+    cfg = model.config.to_base_config()
+    base = base_model(model)
+    big = np.float16 if dtype == "f16" else np.float32
+
+    def arr(t: torch.Tensor, keep_f32: bool = False) -> Any:
+        a = t.detach().to(torch.float32).contiguous().cpu().numpy()
+        return a if keep_f32 else a.astype(big, copy=False)
+
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    width = expert_width([m for m in moe_layers(model) if m is not None])
+    out: dict[str, Any] = {"token_embd.weight": arr(base.model.embed_tokens.weight)}
+    for i, layer in enumerate(base.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        p = f"blk.{i}."
+        out[p + "attn_norm.weight"] = arr(layer.input_layernorm.weight, keep_f32=True)
+        out[p + "attn_q.weight"] = arr(permute_qk(attn.q_proj.weight, n_head))
+        out[p + "attn_k.weight"] = arr(permute_qk(attn.k_proj.weight, n_kv))
+        out[p + "attn_v.weight"] = arr(attn.v_proj.weight)
+        out[p + "attn_output.weight"] = arr(attn.o_proj.weight)
+        out[p + "ffn_norm.weight"] = arr(layer.post_attention_layernorm.weight, keep_f32=True)
+        gate, up, down, router = _expert_tensors(mlp, width)
+        out[p + "ffn_gate_inp.weight"] = arr(router, keep_f32=True)  # routing decisions stay full precision
+        out[p + "ffn_gate_exps.weight"] = arr(gate)
+        out[p + "ffn_up_exps.weight"] = arr(up)
+        out[p + "ffn_down_exps.weight"] = arr(down)
+    out["output_norm.weight"] = arr(base.model.norm.weight, keep_f32=True)
+    if not cfg.tie_word_embeddings:
+        out["output.weight"] = arr(base.get_output_embeddings().weight)
+    return out
+
+
+def write_gguf(
+    model: MoefyForCausalLM, out: str | Path, src_dir: str | Path | None = None,
+    tokenizer: Any = None, overwrite: bool = False, dtype: str = "f32", **_: Any,
+) -> Path:
+    """One ``.gguf`` file for llama.cpp (``llama`` architecture, Mixtral-style experts)."""
+    import gguf
+
+    tensors = gguf_tensors(model, dtype)  # refuses before anything is written
+    cfg = model.config.to_base_config()
+    m0 = moe_layers(model)[0]
+    assert m0 is not None
+    src = Path(src_dir) if src_dir is not None else None
+    tok_model, tokens, scores, types, merges = _gguf_vocab(src, cfg.vocab_size)
+    out = prepare_output(out, overwrite)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; the gguf format writes one file (e.g. {out / 'model.gguf'})")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        name = (src.name if src is not None else "moefy") or "moefy"
+        w.add_name(name)
+        w.add_description(f"moefy MoE ({_describe(model)}); llama.cpp weights experts by softmax renormalised over the top-k")
+        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32))
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_feed_forward_length(expert_width([m for m in moe_layers(model) if m is not None]))
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_rope_dimension_count(head_dim)
+        if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+        if rope.get("rope_type") == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rope["factor"]))
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_expert_count(m0.n_experts)
+        w.add_expert_used_count(int(m0.top_k))
+        w.add_expert_weights_norm(True)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        w.add_tokenizer_model(tok_model)
+        if tokens:
+            if tok_model == "gpt2":
+                w.add_tokenizer_pre("default")
+            w.add_token_list(tokens)
+            w.add_token_scores(scores)
+            w.add_token_types(types)
+            if merges:
+                w.add_token_merges(merges)
+            assert src is not None
+            gguf.SpecialVocab(src, load_merges=False, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+        else:
+            for key, fn in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                            ("pad_token_id", w.add_pad_token_id)):
+                v = getattr(cfg, key, None)
+                if isinstance(v, int):
+                    fn(v)
+        for tname, data in tensors.items():
+            w.add_tensor(tname, data)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+WRITERS: dict[str, Callable[..., Path]] = {
+    "hf": write_hf,
+    "mixtral": write_mixtral,
+    "qwen2-moe": write_qwen2_moe,
+    "gguf": write_gguf,
+}
+REFUSALS: dict[str, Callable[[MoefyForCausalLM], str | None]] = {
+    "hf": lambda model: None,
+    "mixtral": mixtral_refusal,
+    "qwen2-moe": qwen2_moe_refusal,
+    "gguf": gguf_refusal,
+}
+
+
+def export_model(
+    model: MoefyForCausalLM, fmt: str, out: str | Path, src_dir: str | Path | None = None,
+    tokenizer: Any = None, overwrite: bool = False, dtype: str = "f32", gating: str | None = None,
+) -> Path:
+    """Write ``model`` as ``fmt`` to ``out``.  ``gating`` overrides the model's gating first
+    (changing its outputs unless it already equals it: for models trained with that gating)."""
+    if fmt not in WRITERS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
+    if gating is not None:
+        set_gating(model, gating)
+    if fmt == "hf" and gating is not None:
+        src_dir = None  # the files on disk have the old gating
+    return WRITERS[fmt](model, out, src_dir=src_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype)
+
+
+def export_checkpoint(
+    src: str | Path, fmt: str, out: str | Path, overwrite: bool = False, dtype: str = "f32",
+) -> Path:
+    """``moefy export``: load the moefy checkpoint ``src`` and write it as ``fmt`` to ``out``."""
+    if fmt not in WRITERS:
+        raise ConfigError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in GGUF_DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
+    src, out = Path(src), Path(out)
+    if out.exists() and out.resolve() == src.resolve():
+        raise ConfigError("--out must differ from the input checkpoint")
+    prepare_output(out, overwrite)  # fail fast, before loading the model
+    model = load_moefy_dir(src)
+    return export_model(model, fmt, out, src_dir=src, overwrite=overwrite, dtype=dtype)
+
+
+__all__ = [
+    "FORMATS", "WRITERS", "export_checkpoint", "export_model", "gguf_refusal", "gguf_tensors", "load_moefy_dir",
+    "mixtral_refusal", "permute_qk", "qwen2_moe_refusal", "set_gating", "to_mixtral", "to_qwen2_moe",
+    "unpermute_qk", "write_gguf", "write_hf", "write_mixtral", "write_qwen2_moe",
+]
