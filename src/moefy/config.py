@@ -53,6 +53,12 @@ class ConvertConfig:
     kl_weight: float = 1.0
     ce_weight: float = 0.1
     layers: list[int] | None = field(default=None)
+    # routing (SoftMoE): "topk" (hard top-k, STE) or "lapsum" (truncated LapSum soft top-k)
+    router: str = "topk"
+    budget: float | None = None  # LapSum: total mean active experts over all converted layers (K)
+    budget_mode: str = "learned"  # LapSum: "learned" (k_l = softmax(eta)_l (K - L) + 1, e2e) or "fixed" (K/L)
+    max_active: int | None = None  # LapSum: cap on experts a token may use
+    lr_budget: float = 0.05
 
     def validate(self, d_ffn: int | None = None) -> None:
         if self.n_experts < 2:
@@ -71,6 +77,12 @@ class ConvertConfig:
             raise ConfigError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.rounding not in ("greedy", "exact"):
             raise ConfigError(f"unknown --rounding {self.rounding!r}; choose greedy or exact")
+        if self.router not in ("topk", "lapsum"):
+            raise ConfigError(f"unknown --router {self.router!r}; choose topk or lapsum")
+        if self.budget_mode not in ("learned", "fixed"):
+            raise ConfigError(f"unknown --budget-mode {self.budget_mode!r}; choose learned or fixed")
+        if self.max_active is not None and not 1 <= self.max_active <= self.n_experts:
+            raise ConfigError(f"--max-active must be within 1..{self.n_experts}")
         if self.n_shared < 0:
             raise ConfigError(f"--shared must be >= 0, got {self.n_shared}")
         if self.seq_len < 8:

@@ -142,6 +142,8 @@ def make_layer(mlp: nn.Module, adapter: Adapter, config: Any, split: Split, cfg:
         learn_assignment=cfg.method == "dot",
         rounding=cfg.rounding,
         sinkhorn_iters=cfg.sinkhorn_iters,
+        router_type=cfg.router,
+        max_active=cfg.max_active,
     )
 
 
@@ -160,6 +162,13 @@ def _split_train_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float) -> t
         x[n_seq - n_val :].reshape(-1, d),
         y[n_seq - n_val :].reshape(-1, d),
     )
+
+
+def mean_budget(cfg: ConvertConfig, n_converted: int) -> float:
+    """Mean experts per token and layer: ``K / L`` (LapSum) or the top-k."""
+    if cfg.router != "lapsum" or cfg.budget is None:
+        return float(cfg.top_k)
+    return float(cfg.budget) / n_converted
 
 
 def layers_to_convert(cfg: ConvertConfig, n_layers: int) -> list[int]:
@@ -205,6 +214,7 @@ def layerwise_stage(
                 split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
                 del h_sample
                 dot = make_layer(mlp, adapter, model.config, split, cfg)
+                dot.k_budget = mean_budget(cfg, len(chosen))
                 report = fit_layer(dot, x_tr, y_tr, x_val, y_val, cfg, i)
                 dot.eval()
                 layer.mlp = dot
@@ -257,12 +267,24 @@ def e2e_stage(
         for w in ws:
             w.requires_grad_(True)
         groups.append({"params": ws, "lr": cfg.e2e_lr_weights})
+    lapsum = cfg.router == "lapsum"
+    learn_budget = lapsum and cfg.budget_mode == "learned" and len(dots) > 1
+    order = sorted(dots)
+    total_budget = float(cfg.budget) if cfg.budget is not None else float(cfg.top_k) * len(dots)
+    eta = nn.Parameter(torch.zeros(len(dots)), requires_grad=learn_budget)
+    if lapsum:
+        groups[0]["params"] = groups[0]["params"] + [d.log_alpha for d in dots.values()]
+    if learn_budget:
+        groups.append({"params": [eta], "lr": cfg.lr_budget})
     opt = torch.optim.Adam(groups)
     start_step, losses = 0, []
     if resume is not None:
         start_step, states, opt_state, losses = resume[0], resume[1], resume[2], list(resume[3])
         for i, d in dots.items():
             d.load_state_dict({k.split(".", 1)[1]: v for k, v in states.items() if k.split(".", 1)[0] == str(i)})
+        if "budget.eta" in states:
+            with torch.no_grad():
+                eta.copy_(states["budget.eta"])
         opt.load_state_dict(opt_state)
     gen = torch.Generator().manual_seed(cfg.seed + 7919)
     for _ in range(start_step):  # replay the sampler so a resumed run sees the same batches
@@ -270,7 +292,35 @@ def e2e_stage(
     for p in model.parameters():
         if not any(p is q for g in groups for q in g["params"]):
             p.requires_grad_(False)
+    from .lapsum import layer_budgets
+
+    def set_budgets(detach: bool = False) -> None:
+        if not lapsum:
+            return
+        k_l = layer_budgets(eta, total_budget) if learn_budget else torch.full((len(order),), total_budget / len(order))
+        for j, i in enumerate(order):
+            dots[i].k_budget = float(k_l[j]) if detach else k_l[j]
+
+    recalib_ids = calib[: min(4, calib.shape[0])]
+
+    def recalibrate() -> None:
+        if not lapsum:
+            return
+        set_budgets(detach=True)
+        xs: dict[int, torch.Tensor] = {}
+        handles = [layers[i].mlp.register_forward_hook(
+            lambda m, a, o, i=i: xs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1]).detach())) for i in order]
+        with torch.no_grad():
+            model(input_ids=recalib_ids, use_cache=False)
+        for h in handles:
+            h.remove()
+        for i in order:
+            dots[i].calibrate_threshold(xs[i])
+
     for step in range(start_step, cfg.e2e_steps):
+        if lapsum and step % 10 == 0:
+            recalibrate()
+        set_budgets()
         ids = calib[torch.randint(0, calib.shape[0], (min(cfg.e2e_batch, calib.shape[0]),), generator=gen)]
         with torch.no_grad():
             for i, d in dots.items():
@@ -296,6 +346,7 @@ def e2e_stage(
         losses.append(float(kl.detach()))
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0) and step + 1 < cfg.e2e_steps:
             states = {f"{i}.{k}": v for i, d in dots.items() for k, v in d.state_dict().items()}
+            states["budget.eta"] = eta.detach().clone()
             checkpoint(step + 1, states, opt.state_dict(), losses)
         if progress is not None:
             progress("end-to-end", step + 1, cfg.e2e_steps)
@@ -303,7 +354,9 @@ def e2e_stage(
         d.freeze_assignment()
         for w in (d.gate, d.up, d.down):
             w.requires_grad_(False)
+        d.log_alpha.requires_grad_(False)
         d.eval()
+    recalibrate()
     return losses
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from .adapters import FFNWeights
 from .hf.modeling_moefy import MoefyMLP
 from .ot import assignment_matrix, round_exact, round_greedy, sinkhorn_log, straight_through
+from .lapsum import calibrate_threshold, truncated_lapsum
 from .routing import load_balance_loss, route_ste, z_loss
 from .splits import Split
 
@@ -39,6 +40,8 @@ class DotMoeLayer(nn.Module):
         init_margin: float = 3.0,
         rounding: str = "greedy",
         sinkhorn_iters: int = 30,
+        router_type: str = "topk",
+        max_active: int | None = None,
     ) -> None:
         super().__init__()
         n_exp = split.n_experts
@@ -80,6 +83,13 @@ class DotMoeLayer(nn.Module):
         self.affinity = nn.Parameter(init_margin * init_affinity, requires_grad=learn_assignment)
         self.router = nn.Linear(ffn.d_model, n_exp, bias=False)
         nn.init.zeros_(self.router.weight)
+        # LapSum soft top-k (SoftMoE): expert weights F((r - t)/alpha) summing to k (a real
+        # budget, possibly learned per layer), truncated below ``threshold``.
+        self.router_type = router_type
+        self.k_budget: float | torch.Tensor = float(top_k)
+        self.max_active = max_active
+        self.log_alpha = nn.Parameter(torch.zeros(()), requires_grad=router_type == "lapsum")
+        self.register_buffer("threshold", torch.zeros(()), persistent=True)
         self.aux: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ assignment
@@ -127,9 +137,16 @@ class DotMoeLayer(nn.Module):
             full = torch.ones(*x.shape[:-1], self.d_ffn, dtype=x.dtype, device=x.device)
             return full.index_fill(-1, self.routed_idx, 0.0)
         logits = self.router(x)
-        r_ste, hard, probs = route_ste(logits, self.top_k)
-        self.aux = {"logits": logits, "probs": probs, "hard": hard}
-        routed = r_ste @ self.assignment_ste().T
+        if self.router_type == "lapsum":
+            weights, active = truncated_lapsum(
+                logits, self.k_budget, self.log_alpha.exp(), float(self.threshold), self.max_active
+            )
+            self.aux = {"logits": logits, "probs": torch.softmax(logits.float(), -1), "hard": active.float()}
+            routed = weights @ self.assignment_ste().T
+        else:
+            r_ste, hard, probs = route_ste(logits, self.top_k)
+            self.aux = {"logits": logits, "probs": probs, "hard": hard}
+            routed = r_ste @ self.assignment_ste().T
         full = torch.ones(*x.shape[:-1], self.d_ffn, dtype=x.dtype, device=x.device)
         return full.index_copy(-1, self.routed_idx, routed.to(x.dtype))
 
@@ -138,6 +155,19 @@ class DotMoeLayer(nn.Module):
         if not self.dense_mode:
             h = h * self.neuron_mask(x)
         return nn.functional.linear(h, self.down, self.down_bias)
+
+    @torch.no_grad()
+    def calibrate_threshold(self, x: torch.Tensor, target_active: float | None = None) -> float:
+        """LapSum: set the truncation threshold so the mean number of experts run per token on
+        ``x`` matches ``target_active`` (default: the budget k); returns the mean achieved."""
+        if self.router_type != "lapsum":
+            return float(self.top_k)
+        target = float(self.k_budget) if target_active is None else target_active
+        logits = self.router(x)
+        thr = calibrate_threshold(logits, float(self.k_budget), float(self.log_alpha.exp()), target, self.max_active)
+        self.threshold.fill_(thr)
+        _, active = truncated_lapsum(logits, float(self.k_budget), float(self.log_alpha.exp()), thr, self.max_active)
+        return float(active.float().sum(-1).mean())
 
     def aux_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(z-loss, load-balance loss) of the last forward."""
@@ -155,9 +185,14 @@ class DotMoeLayer(nn.Module):
             self.gate.shape[1],
             split.expert_sizes,
             n_shared=split.shared.numel(),
-            top_k=self.top_k if self.n_experts else 0,
+            top_k=(float(self.k_budget) if self.router_type == "lapsum" else self.top_k) if self.n_experts else 0,
             hidden_act=self.hidden_act,
             bias=self.gate_bias is not None,
+            router=self.router_type,
+            gating="lapsum" if self.router_type == "lapsum" else "mask",
+            lapsum_alpha=float(self.log_alpha.exp()),
+            lapsum_threshold=float(self.threshold),
+            max_active=self.max_active,
         )
         with torch.no_grad():
             mlp.gate_proj.weight.copy_(self.gate[perm])

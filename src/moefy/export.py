@@ -41,6 +41,7 @@ def to_moefy_model(model: nn.Module, router: str = "topk", gating: str = "mask")
     layers = adapter.layers(model)
     specs: list[dict[str, Any] | None] = []
     hidden_act = None
+    max_active = None
     for layer in layers:
         mlp = layer.mlp
         if isinstance(mlp, DotMoeLayer):
@@ -48,7 +49,12 @@ def to_moefy_model(model: nn.Module, router: str = "topk", gating: str = "mask")
             mlp = mlp.to_moe_mlp()
             layer.mlp = mlp
         if isinstance(mlp, MoefyMLP):
-            specs.append({"expert_sizes": mlp.expert_sizes, "n_shared": mlp.n_shared, "top_k": mlp.top_k})
+            spec = {"expert_sizes": mlp.expert_sizes, "n_shared": mlp.n_shared, "top_k": mlp.top_k}
+            if mlp.router_type == "lapsum":
+                router, gating = "lapsum", "lapsum"
+                spec.update(lapsum_alpha=mlp.lapsum_alpha, lapsum_threshold=mlp.lapsum_threshold)
+                max_active = mlp.max_active
+            specs.append(spec)
         else:
             specs.append(None)
     if hidden_act is None:
@@ -59,6 +65,7 @@ def to_moefy_model(model: nn.Module, router: str = "topk", gating: str = "mask")
         hidden_act=hidden_act,
         router=router,
         gating=gating,
+        max_active=max_active,
     )
     cfg._attn_implementation = model.config._attn_implementation  # type: ignore[attr-defined]
     cfg.architectures = ["MoefyForCausalLM"]

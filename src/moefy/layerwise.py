@@ -47,6 +47,8 @@ class LayerReport:
     seconds: float = 0.0
     weight_mode: str = "none"
     ridge_gamma: float | None = None
+    mean_active: float = math.nan  # experts run per held-out token
+    k_budget: float = math.nan
 
     def to_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -105,7 +107,9 @@ def train_routing(
 ) -> tuple[float, int]:
     """Train router (and affinity) with weights frozen and ``h`` precomputed; keep the best
     held-out state.  Returns (best held-out error, steps run)."""
-    params = [{"params": layer.router.parameters(), "lr": cfg.lr_router}]
+    params = [{"params": list(layer.router.parameters()), "lr": cfg.lr_router}]
+    if layer.router_type == "lapsum":
+        params[0]["params"].append(layer.log_alpha)
     if layer.learn_assignment:
         params.append({"params": [layer.affinity], "lr": cfg.lr_affinity})
     opt = torch.optim.Adam(params)
@@ -123,6 +127,7 @@ def train_routing(
         loss.backward()
         opt.step()
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            layer.calibrate_threshold(x[:8192])
             err = _eval_error(layer, x_val, y_val, h_val)
             if err < best:
                 best, best_state = err, copy.deepcopy(layer.state_dict())
@@ -242,20 +247,22 @@ def fit_layer(
     init_assign = layer.fixed_assign.clone()
     if layer.n_experts > 0:
         init_router(layer, x, h)
+        layer.calibrate_threshold(x[:8192])
     report.error_init = _eval_error(layer, x_val, y_val, h_val)
     report.error_routed = report.error_init
-    if cfg.steps > 0 and layer.learn_assignment:
+    if cfg.steps > 0 and (layer.learn_assignment or layer.router_type == "lapsum") and layer.n_experts > 0:
         report.error_routed, report.steps = train_routing(layer, x, y, h, x_val, y_val, h_val, cfg, layer_idx, gen)
     layer.freeze_assignment()
     report.neurons_moved = int((layer.fixed_assign != init_assign).sum())
     if layer.n_experts > 0 and report.neurons_moved > 0:
-        trained = copy.deepcopy(layer.router.state_dict())
+        trained = copy.deepcopy(layer.state_dict())
         init_router(layer, x, h)
+        layer.calibrate_threshold(x[:8192])
         err = _eval_error(layer, x_val, y_val, h_val)
         if err < report.error_routed:
             report.error_routed = err
         else:
-            layer.router.load_state_dict(trained)
+            layer.load_state_dict(trained)
     del h, h_val
     err = report.error_routed
     if cfg.weights in ("grad", "grad+ridge"):
@@ -267,5 +274,7 @@ def fit_layer(
         layer(x_val[:8192])
     if layer.n_experts > 0:
         report.expert_load = [round(v, 4) for v in expert_load(layer.aux["hard"]).tolist()]
+        report.mean_active = float(layer.aux["hard"].sum(-1).mean())
+        report.k_budget = float(layer.k_budget)
     report.seconds = time.time() - t0
     return report

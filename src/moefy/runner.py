@@ -241,6 +241,9 @@ def build_record(
                     "layer": i,
                     "expert_sizes": layer.mlp.expert_sizes,
                     "n_shared": layer.mlp.n_shared,
+                    "top_k": layer.mlp.top_k,  # LapSum: the (learned) mean budget k_l of this layer
+                    **({"lapsum_alpha": layer.mlp.lapsum_alpha, "lapsum_threshold": layer.mlp.lapsum_threshold}
+                       if layer.mlp.router_type == "lapsum" else {}),
                     # dense neuron index of every MoE neuron: shared first, then expert by expert
                     "neurons": getattr(layer.mlp, "source_neurons", None),
                 }
@@ -258,6 +261,7 @@ def build_record(
         "n_shared": cfg.n_shared,
         "active_fraction": active_fraction(cfg, d_ffn),
         "stage": cfg.stage,
+        "router": cfg.router,
         "calibration": {"source": calib.source, "tokens": calib.n_tokens, "sequences": int(calib.ids.shape[0]), "seq_len": int(calib.ids.shape[1])},
         "config": cfg.to_dict(),
         "layers": layers,

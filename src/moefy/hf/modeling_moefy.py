@@ -273,7 +273,7 @@ def build_moe_mlp(config: MoefyConfig, layer_idx: int, hidden_size: int, bias: b
     spec = config.moe_layers[layer_idx] if layer_idx < len(config.moe_layers) else None
     if spec is None:
         return None
-    alpha = config.lapsum_alpha[layer_idx] if config.lapsum_alpha else 1.0
+    alpha = spec.get("lapsum_alpha", config.lapsum_alpha[layer_idx] if config.lapsum_alpha else 1.0)
     return MoefyMLP(
         hidden_size,
         spec["expert_sizes"],
@@ -284,7 +284,7 @@ def build_moe_mlp(config: MoefyConfig, layer_idx: int, hidden_size: int, bias: b
         router=config.router,
         gating=config.gating,
         lapsum_alpha=alpha,
-        lapsum_threshold=config.lapsum_threshold,
+        lapsum_threshold=spec.get("lapsum_threshold", config.lapsum_threshold),
         max_active=config.max_active,
     )
 

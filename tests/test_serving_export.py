@@ -1,0 +1,401 @@
+"""`moefy export`: every format reloads with the moefy model's logits (HF formats through stock
+transformers classes, GGUF through GGUFReader), refusals are one line with exit 15, and outputs
+appear atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+from conftest import STORIES, needs_shared
+from moefy.cli import main
+from moefy.errors import ExportRefusedError, OutputExistsError, UnsupportedModelError
+from moefy.export import save_checkpoint
+from moefy.serving_export import (
+    export_model,
+    gguf_refusal,
+    mixtral_refusal,
+    qwen2_moe_refusal,
+    set_gating,
+    to_mixtral,
+    unpermute_qk,
+    write_gguf,
+)
+from tiny_moefy import calib_ids, tiny_moefy
+
+IDS = calib_ids(n=2, seq=40, seed=11)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+        raise SystemExit(0)
+    return int(exc.value.code or 0), capsys.readouterr().err
+
+
+def logits(model, ids=IDS) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def assert_same_logits(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    """fp32 agreement: max |a - b| <= tol * max(1, max |b|) (pure summation-order differences)."""
+    assert a.shape == b.shape
+    bound = tol * max(1.0, float(b.abs().max()))
+    assert (a - b).abs().max() <= bound, (float((a - b).abs().max()), bound)
+
+
+def save(model, path: Path, tokenizer=None) -> Path:
+    return save_checkpoint(model, tokenizer, path, {"method": "dot"})
+
+
+def no_leftovers(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.")], list(parent.iterdir())
+
+
+@pytest.fixture(scope="module")
+def renorm_ckpt(tmp_path_factory) -> Path:
+    """All layers, 4 equal experts, top-2, no shared neurons, softmax-renorm: Mixtral-exact."""
+    return save(tiny_moefy(gating="softmax-renorm"), tmp_path_factory.mktemp("renorm") / "moe")
+
+
+@pytest.fixture(scope="module")
+def mask_ckpt(tmp_path_factory) -> Path:
+    """Mask gating with top-2: representable by no stock format."""
+    return save(tiny_moefy(gating="mask"), tmp_path_factory.mktemp("mask") / "moe")
+
+
+# ------------------------------------------------------------------------------- hf
+def test_hf_export_is_a_loadable_copy(renorm_ckpt, tmp_path, capsys):
+    out = tmp_path / "copy"
+    code, err = run_cli(["export", str(renorm_ckpt), "--format", "hf", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in renorm_ckpt.iterdir())
+    a = AutoModelForCausalLM.from_pretrained(renorm_ckpt).eval()
+    b = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(logits(a), logits(b))
+
+
+# --------------------------------------------------------------------------- mixtral
+def test_mixtral_export_reloads_with_equal_logits_and_tokens(renorm_ckpt, tmp_path, capsys):
+    out = tmp_path / "mixtral"
+    code, err = run_cli(["export", str(renorm_ckpt), "--format", "mixtral", "--out", str(out)], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and cfg["architectures"] == ["MixtralForCausalLM"]
+    assert cfg["num_local_experts"] == 4 and cfg["num_experts_per_tok"] == 2
+    assert (out / "moefy.json").is_file()
+    moe = AutoModelForCausalLM.from_pretrained(renorm_ckpt).eval()
+    mix = AutoModelForCausalLM.from_pretrained(out).eval()  # stock class, default experts kernel
+    assert type(mix) is MixtralForCausalLM
+    assert_same_logits(logits(mix), logits(moe))
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(mix.generate(IDS[:1, :6], **kw), moe.generate(IDS[:1, :6], **kw))
+
+
+def test_mixtral_top1_mask_gating_is_exact(tmp_path):
+    moe = tiny_moefy(top_k=1, gating="mask")
+    assert mixtral_refusal(moe) is None
+    export_model(moe, "mixtral", tmp_path / "m")
+    mix = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert_same_logits(logits(mix), logits(moe))
+
+
+def test_unequal_expert_sizes_are_zero_padded(tmp_path):
+    moe = tiny_moefy(n_experts=5, gating="softmax-renorm")  # 72 neurons: 15, 15, 14, 14, 14
+    sizes = {s for layer in moe.config.moe_layers for s in layer["expert_sizes"]}
+    assert len(sizes) > 1
+    export_model(moe, "mixtral", tmp_path / "m")
+    mix = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert mix.config.intermediate_size % 8 == 0
+    assert_same_logits(logits(mix), logits(moe))
+
+
+def test_mixtral_keeps_mistral_sliding_window():
+    moe = tiny_moefy(family="mistral", gating="softmax-renorm")
+    mix = to_mixtral(moe)
+    assert mix.config.sliding_window == 64
+    ids = calib_ids(n=1, seq=100, seed=2)  # longer than the window
+    assert_same_logits(logits(mix, ids), logits(moe, ids))
+
+
+def test_mixtral_refusal_via_cli_is_one_line_exit_15_and_writes_nothing(mask_ckpt, tmp_path, capsys):
+    out = tmp_path / "mixtral"
+    code, err = run_cli(["export", str(mask_ckpt), "--format", "mixtral", "--out", str(out)], capsys)
+    assert code == ExportRefusedError.exit_code == 15
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    msg = errors[0]
+    assert "top_k=1 or --gating softmax-renorm" in msg and "mask gating" in msg
+    no_leftovers(tmp_path, "mixtral")
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(n_shared=8, gating="softmax-renorm"), "shared"),
+        (dict(layers=(1,), gating="softmax-renorm"), "every layer converted"),
+        (dict(family="qwen2", gating="softmax-renorm"), "'qwen2'"),
+        (dict(family="gemma", gating="softmax-renorm"), "'gemma'"),
+        (dict(gating="softmax"), "softmax-renorm"),
+    ],
+)
+def test_mixtral_refusals(kwargs, needle, tmp_path):
+    moe = tiny_moefy(**kwargs)
+    reason = mixtral_refusal(moe)
+    assert reason is not None and needle in reason and "\n" not in reason
+    with pytest.raises(ExportRefusedError):
+        export_model(moe, "mixtral", tmp_path / "m")
+    no_leftovers(tmp_path, "m")
+
+
+def test_lapsum_router_is_refused():
+    moe = tiny_moefy(gating="softmax-renorm")
+    for layer in moe.model.model.layers:
+        layer.mlp.router_type = "lapsum"
+    for check in (mixtral_refusal, qwen2_moe_refusal, gguf_refusal):
+        assert "router" in check(moe)
+
+
+# ------------------------------------------------------------------------- qwen2-moe
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(n_shared=8, gating="softmax"),  # norm_topk_prob = false
+        dict(n_shared=8, gating="softmax-renorm"),  # norm_topk_prob = true
+        dict(n_shared=0, gating="softmax"),  # a zero one-neuron shared expert
+        dict(n_shared=8, top_k=1, gating="mask"),
+        dict(n_shared=8, gating="softmax", layers=(0,)),  # layer 1 stays dense: mlp_only_layers
+        dict(family="qwen2", n_shared=8, gating="softmax-renorm"),  # q/k/v biases
+        dict(n_experts=5, n_shared=8, gating="softmax"),  # unequal experts, zero-padded
+    ],
+)
+def test_qwen2_moe_export_reloads_with_equal_logits(kwargs, tmp_path):
+    moe = tiny_moefy(**kwargs)
+    assert qwen2_moe_refusal(moe) is None
+    export_model(moe, "qwen2-moe", tmp_path / "q")
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert type(q).__name__ == "Qwen2MoeForCausalLM"
+    assert q.config.norm_topk_prob == (kwargs["gating"] != "softmax")
+    assert q.config.mlp_only_layers == ([1] if kwargs.get("layers") == (0,) else [])
+    assert_same_logits(logits(q), logits(moe))
+
+
+def test_qwen2_moe_via_cli(tmp_path, capsys):
+    src = save(tiny_moefy(n_shared=8, gating="softmax"), tmp_path / "moe")
+    code, err = run_cli(["export", str(src), "-f", "qwen2-moe", "-o", str(tmp_path / "q")], capsys)
+    assert code == 0, err
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert_same_logits(logits(q), logits(AutoModelForCausalLM.from_pretrained(src).eval()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(n_shared=8, gating="mask"), "mask gating"),
+        (dict(family="mistral", gating="softmax"), "sliding-window"),
+        (dict(family="phi3", gating="softmax"), "'phi3'"),
+    ],
+)
+def test_qwen2_moe_refusals(kwargs, needle, tmp_path):
+    moe = tiny_moefy(**kwargs)
+    reason = qwen2_moe_refusal(moe)
+    assert reason is not None and needle in reason
+    with pytest.raises(ExportRefusedError):
+        export_model(moe, "qwen2-moe", tmp_path / "q")
+    no_leftovers(tmp_path, "q")
+
+
+# ------------------------------------------------------------------------------ gguf
+def gguf_field(reader: gguf.GGUFReader, key: str):
+    return reader.fields[key].contents()
+
+
+def mixtral_from_gguf(path: Path) -> MixtralForCausalLM:
+    """Rebuild the model llama.cpp would run from the GGUF tensors alone (inverse mapping)."""
+    r = gguf.GGUFReader(str(path))
+    t = {x.name: torch.from_numpy(np.array(x.data)).float() for x in r.tensors}
+    n_layers = gguf_field(r, "llama.block_count")
+    n_head, n_kv = gguf_field(r, "llama.attention.head_count"), gguf_field(r, "llama.attention.head_count_kv")
+    tied = "output.weight" not in t
+    cfg = MixtralConfig(
+        vocab_size=t["token_embd.weight"].shape[0], hidden_size=gguf_field(r, "llama.embedding_length"),
+        intermediate_size=gguf_field(r, "llama.feed_forward_length"), num_hidden_layers=n_layers,
+        num_attention_heads=n_head, num_key_value_heads=n_kv, head_dim=gguf_field(r, "llama.rope.dimension_count"),
+        rms_norm_eps=gguf_field(r, "llama.attention.layer_norm_rms_epsilon"),
+        rope_parameters={"rope_type": "default", "rope_theta": gguf_field(r, "llama.rope.freq_base")},
+        num_local_experts=gguf_field(r, "llama.expert_count"), num_experts_per_tok=gguf_field(r, "llama.expert_used_count"),
+        max_position_embeddings=gguf_field(r, "llama.context_length"), tie_word_embeddings=tied,
+    )
+    sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"],
+          "lm_head.weight": t["token_embd.weight"] if tied else t["output.weight"]}
+    for i in range(n_layers):
+        b, p = f"blk.{i}.", f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = t[b + "attn_norm.weight"]
+        sd[p + "self_attn.q_proj.weight"] = unpermute_qk(t[b + "attn_q.weight"], n_head)
+        sd[p + "self_attn.k_proj.weight"] = unpermute_qk(t[b + "attn_k.weight"], n_kv)
+        sd[p + "self_attn.v_proj.weight"] = t[b + "attn_v.weight"]
+        sd[p + "self_attn.o_proj.weight"] = t[b + "attn_output.weight"]
+        sd[p + "post_attention_layernorm.weight"] = t[b + "ffn_norm.weight"]
+        sd[p + "mlp.gate.weight"] = t[b + "ffn_gate_inp.weight"]
+        sd[p + "mlp.experts.gate_up_proj"] = torch.cat([t[b + "ffn_gate_exps.weight"], t[b + "ffn_up_exps.weight"]], 1)
+        sd[p + "mlp.experts.down_proj"] = t[b + "ffn_down_exps.weight"]
+    model = MixtralForCausalLM(cfg)
+    model.load_state_dict(sd, strict=True)
+    model.set_experts_implementation("eager")
+    return model.eval()
+
+
+def test_gguf_export_tensors_and_metadata(renorm_ckpt, tmp_path, capsys):
+    out = tmp_path / "model.gguf"
+    code, err = run_cli(["export", str(renorm_ckpt), "--format", "gguf", "--out", str(out)], capsys)
+    assert code == 0, err
+    moe = AutoModelForCausalLM.from_pretrained(renorm_ckpt).eval()
+    r = gguf.GGUFReader(str(out))
+    assert gguf_field(r, "general.architecture") == "llama"
+    assert gguf_field(r, "llama.expert_count") == 4 and gguf_field(r, "llama.expert_used_count") == 2
+    assert gguf_field(r, "llama.feed_forward_length") == 18
+    assert gguf_field(r, "tokenizer.ggml.model") == "no_vocab"  # the tiny model has no tokenizer
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    mlp = moe.model.model.layers[1].mlp
+    e = 2
+    lo, hi = mlp.offsets[e], mlp.offsets[e + 1]
+    assert t["blk.1.ffn_gate_exps.weight"].shape == (4, 18, 32)
+    assert t["blk.1.ffn_down_exps.weight"].shape == (4, 32, 18)
+    np.testing.assert_array_equal(t["blk.1.ffn_gate_exps.weight"][e], mlp.gate_proj.weight[lo:hi].detach().numpy())
+    np.testing.assert_array_equal(t["blk.1.ffn_up_exps.weight"][e], mlp.up_proj.weight[lo:hi].detach().numpy())
+    np.testing.assert_array_equal(t["blk.1.ffn_down_exps.weight"][e], mlp.down_proj.weight[:, lo:hi].detach().numpy())
+    np.testing.assert_array_equal(t["blk.1.ffn_gate_inp.weight"], mlp.router.weight.detach().numpy())
+    attn = moe.model.model.layers[0].self_attn
+    np.testing.assert_array_equal(
+        unpermute_qk(torch.from_numpy(t["blk.0.attn_q.weight"].copy()), 4).numpy(), attn.q_proj.weight.detach().numpy()
+    )
+    # the function llama.cpp computes from these tensors is the moefy model's
+    assert_same_logits(logits(mixtral_from_gguf(out)), logits(moe))
+
+
+def test_gguf_f16(tmp_path):
+    moe = tiny_moefy(top_k=1, gating="mask")
+    path = export_model(moe, "gguf", tmp_path / "m.gguf", dtype="f16")
+    r = gguf.GGUFReader(str(path))
+    types = {x.name: x.tensor_type for x in r.tensors}
+    assert types["blk.0.ffn_up_exps.weight"] == gguf.GGMLQuantizationType.F16
+    assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
+    assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    ref = logits(moe)
+    assert (logits(mixtral_from_gguf(path)) - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(gating="mask"), "mask gating"),
+        (dict(n_shared=8, gating="softmax-renorm"), "shared"),
+        (dict(family="mistral", gating="softmax-renorm"), "sliding-window"),
+    ],
+)
+def test_gguf_refusals_leave_no_file(kwargs, needle, tmp_path):
+    moe = tiny_moefy(**kwargs)
+    assert needle in gguf_refusal(moe)
+    with pytest.raises(ExportRefusedError):
+        write_gguf(moe, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------- atomicity
+def test_failed_hf_write_leaves_nothing(tmp_path, monkeypatch):
+    moe = tiny_moefy(gating="softmax-renorm")
+
+    def boom(self, path, **kw):
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(MixtralForCausalLM, "save_pretrained", boom)
+    with pytest.raises(RuntimeError):
+        export_model(moe, "mixtral", tmp_path / "m")
+    no_leftovers(tmp_path, "m")
+
+
+def test_failed_gguf_write_leaves_nothing(tmp_path, monkeypatch):
+    moe = tiny_moefy(gating="softmax-renorm")
+
+    def boom(self, *a, **kw):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(RuntimeError):
+        write_gguf(moe, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(renorm_ckpt, tmp_path, capsys):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    code, err = run_cli(["export", str(renorm_ckpt), "--format", "mixtral", "--out", str(out)], capsys)
+    assert code == OutputExistsError.exit_code and "--overwrite" in err
+    code, err = run_cli(["export", str(renorm_ckpt), "--format", "mixtral", "--out", str(out), "--overwrite"], capsys)
+    assert code == 0, err
+    assert not (out / "old.txt").exists() and (out / "config.json").is_file()
+    no_leftovers(tmp_path, "nothing")
+
+
+def test_bad_inputs(renorm_ckpt, tmp_path, capsys):
+    code, err = run_cli(["export", str(renorm_ckpt), "--format", "onnx", "--out", str(tmp_path / "x")], capsys)
+    assert code == 14 and "hf, mixtral, qwen2-moe, gguf" in err
+    code, err = run_cli(["export", str(tmp_path / "missing"), "--format", "hf", "--out", str(tmp_path / "x")], capsys)
+    assert code == 3
+    dense = tmp_path / "dense"
+    from tiny_models import tiny_model
+
+    tiny_model("llama").save_pretrained(dense)
+    code, err = run_cli(["export", str(dense), "--format", "mixtral", "--out", str(tmp_path / "x")], capsys)
+    assert code == UnsupportedModelError.exit_code and "not a moefy checkpoint" in err
+    code, err = run_cli(["export", str(renorm_ckpt), "--format", "gguf", "--dtype", "q4", "--out", str(tmp_path / "x.gguf")], capsys)
+    assert code == 14
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.gguf").exists()
+
+
+def test_set_gating_changes_every_layer():
+    moe = set_gating(tiny_moefy(), "softmax-renorm")
+    assert moe.config.gating == "softmax-renorm"
+    assert all(layer.mlp.gating == "softmax-renorm" for layer in moe.model.model.layers)
+
+
+# ------------------------------------------------------------- real tokenizer (stories260K)
+@needs_shared()
+def test_stories260k_gguf_carries_the_tokenizer_and_mixtral_matches(tmp_path, capsys):
+    from moefy.config import ConvertConfig
+    from moefy.convert import layerwise_stage
+    from moefy.export import to_moefy_model
+
+    dense = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    tok = AutoTokenizer.from_pretrained(STORIES)
+    cfg = ConvertConfig(n_experts=4, top_k=1, calib_tokens=512, seq_len=64, steps=2, weights="none", eval_every=1)
+    layerwise_stage(dense, torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(0)), cfg, batch=4)
+    src = save(to_moefy_model(dense), tmp_path / "moe", tokenizer=tok)
+    code, err = run_cli(["export", str(src), "--format", "gguf", "--out", str(tmp_path / "s.gguf")], capsys)
+    assert code == 0, err
+    r = gguf.GGUFReader(str(tmp_path / "s.gguf"))
+    assert gguf_field(r, "tokenizer.ggml.model") == "llama"
+    tokens = gguf_field(r, "tokenizer.ggml.tokens")
+    assert len(tokens) == 512
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"]
+    assert tokens[100] == tok.convert_ids_to_tokens(100)
+    assert gguf_field(r, "tokenizer.ggml.bos_token_id") == 1 and gguf_field(r, "tokenizer.ggml.eos_token_id") == 2
+    ids = tok("Once upon a time there was a little dog", return_tensors="pt").input_ids
+    moe = AutoModelForCausalLM.from_pretrained(src).eval()
+    assert_same_logits(logits(mixtral_from_gguf(tmp_path / "s.gguf"), ids), logits(moe, ids))
+    code, err = run_cli(["export", str(src), "--format", "mixtral", "--out", str(tmp_path / "mix")], capsys)
+    assert code == 0, err
+    mix = AutoModelForCausalLM.from_pretrained(tmp_path / "mix").eval()
+    assert_same_logits(logits(mix, ids), logits(moe, ids))
+    assert AutoTokenizer.from_pretrained(tmp_path / "mix")("Once").input_ids == tok("Once").input_ids
