@@ -23,7 +23,7 @@ from torch import nn
 from .adapters import FFNWeights
 from .hf.modeling_moefy import MoefyMLP
 from .ot import assignment_matrix, round_exact, round_greedy, sinkhorn_log, straight_through
-from .lapsum import calibrate_threshold, truncated_lapsum
+from .lapsum import lapsum_topk
 from .routing import load_balance_loss, route_ste, z_loss
 from .splits import Split
 
@@ -138,9 +138,7 @@ class DotMoeLayer(nn.Module):
             return full.index_fill(-1, self.routed_idx, 0.0)
         logits = self.router(x)
         if self.router_type == "lapsum":
-            weights, active = truncated_lapsum(
-                logits, self.k_budget, self.log_alpha.exp(), float(self.threshold), self.max_active
-            )
+            weights, active = self.lapsum_weights(logits, float(self.threshold))
             self.aux = {"logits": logits, "probs": torch.softmax(logits.float(), -1), "hard": active.float()}
             routed = weights @ self.assignment_ste().T
         else:
@@ -156,18 +154,35 @@ class DotMoeLayer(nn.Module):
             h = h * self.neuron_mask(x)
         return nn.functional.linear(h, self.down, self.down_bias)
 
+    def lapsum_weights(self, logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Truncated LapSum weights: ``p >= threshold``, at most ``max_active``, and always the
+        token's best expert (a token never loses its whole FFN)."""
+        p = lapsum_topk(logits, self.k_budget, self.log_alpha.exp())
+        mask = p >= threshold
+        mask = mask | torch.zeros_like(mask).scatter_(-1, p.detach().argmax(-1, keepdim=True), True)
+        if self.max_active is not None and self.max_active < p.shape[-1]:
+            idx = p.detach().topk(self.max_active, dim=-1).indices
+            mask = mask & torch.zeros_like(mask).scatter_(-1, idx, True)
+        return torch.where(mask, p, torch.zeros((), dtype=p.dtype)), mask
+
     @torch.no_grad()
-    def calibrate_threshold(self, x: torch.Tensor, target_active: float | None = None) -> float:
-        """LapSum: set the truncation threshold so the mean number of experts run per token on
-        ``x`` matches ``target_active`` (default: the budget k); returns the mean achieved."""
+    def calibrate_threshold(self, x: torch.Tensor, target_active: float | None = None, iters: int = 40) -> float:
+        """LapSum: set the truncation threshold (bisection) so the mean number of experts run per
+        token on ``x`` matches ``target_active`` (default: the budget k); returns the mean achieved."""
         if self.router_type != "lapsum":
             return float(self.top_k)
         target = float(self.k_budget) if target_active is None else target_active
         logits = self.router(x)
-        thr = calibrate_threshold(logits, float(self.k_budget), float(self.log_alpha.exp()), target, self.max_active)
-        self.threshold.fill_(thr)
-        _, active = truncated_lapsum(logits, float(self.k_budget), float(self.log_alpha.exp()), thr, self.max_active)
-        return float(active.float().sum(-1).mean())
+        lo, hi = 0.0, 1.0
+        for _ in range(iters):  # mean active count falls as the threshold rises
+            mid = (lo + hi) / 2
+            if float(self.lapsum_weights(logits, mid)[1].float().sum(-1).mean()) > target:
+                lo = mid
+            else:
+                hi = mid
+        best = min((lo, hi), key=lambda t: abs(float(self.lapsum_weights(logits, t)[1].float().sum(-1).mean()) - target))
+        self.threshold.fill_(best)
+        return float(self.lapsum_weights(logits, best)[1].float().sum(-1).mean())
 
     def aux_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(z-loss, load-balance loss) of the last forward."""

@@ -112,10 +112,12 @@ class MoefyMLP(nn.Module):
             scores = logits.float()
             t = lapsum_threshold_bisect(scores, float(self.top_k), self.lapsum_alpha)
             w = _laplace_cdf((scores - t) / self.lapsum_alpha)
-            w = torch.where(w >= self.lapsum_threshold, w, torch.zeros_like(w))
+            keep = (w >= self.lapsum_threshold) | torch.zeros_like(w, dtype=torch.bool).scatter_(
+                -1, w.argmax(-1, keepdim=True), True
+            )  # a token always keeps its best expert
             if self.max_active is not None and self.max_active < self.n_experts:
-                kth = w.topk(self.max_active, dim=-1).values[..., -1:]
-                w = torch.where(w >= kth, w, torch.zeros_like(w))
+                keep = keep & torch.zeros_like(keep).scatter_(-1, w.topk(self.max_active, dim=-1).indices, True)
+            w = torch.where(keep, w, torch.zeros_like(w))
             return w.to(dtype)
         idx, vals = self._topk_route(logits, dtype)
         if vals is None:
