@@ -11,8 +11,10 @@ Part 1 - one FFN layer, random weights, at LLaMA-2-7B (4096 x 11008) and LLaMA-3
 * the physical limit of that speed-up: bytes of weights read per token, dense / MoE (router
   included); decode is memory-bound, so ``achieved / limit`` is how close decode gets to
   reading only the chosen experts.  For prefill, the FLOP ratio is shown instead;
-* decode with ``transpose_down=False`` (expert down-projections read as strided column slices
-  of ``down_proj``), to show what the transposed-contiguous layout buys.
+* decode with both memory layouts of ``down_proj`` (``dec x down-T``: ``transpose_down=True``,
+  each expert's down-projection one contiguous block; ``dec x down-L``: nn.Linear's layout,
+  strided column slices); the main columns use MoefyMLP's default (transposed for fp32 on
+  CPU, nn.Linear layout otherwise).
 
 Part 2 (with ``--model-dense`` and ``--model-moe``, loaded by :func:`moefy.models.load`):
 whole-model greedy decode tokens/s with the KV cache (``--gen-tokens`` after a
@@ -99,7 +101,7 @@ def moe_sharing(dense: DenseFFN, n_experts: int, top_k: int, gating: str, seed: 
 
 def ffn_rows(
     shape_name: str, hidden: int, d_ffn: int, dtype_name: str, configs: list[tuple[int, int]],
-    prefill: int, repeats: int, warmup: int, gating: str, strided: bool, seed: int,
+    prefill: int, repeats: int, warmup: int, gating: str, both_layouts: bool, seed: int,
 ) -> list[dict[str, Any]]:
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(seed)
@@ -113,43 +115,45 @@ def ffn_rows(
     xs = (torch.randn(n_inputs, 1, hidden, generator=g)).to(dtype)
     xp = (torch.randn(prefill, hidden, generator=g)).to(dtype)
     esize = torch.finfo(dtype).bits // 8
+    auto_t = dtype in (torch.float32, torch.float64)  # MoefyMLP's default (transpose_down=None) on CPU
     rows = []
     with torch.no_grad():
         dense_dec = median_ms(lambda i: dense(xs[i % n_inputs]), repeats, warmup)
         dense_pre = median_ms(lambda i: dense(xp), max(1, repeats // 2), 1) if prefill else float("nan")
         dense_bytes = 3 * hidden * d_ffn * esize
         for n_experts, top_k in configs:
-            moe = moe_sharing(dense, n_experts, top_k, gating, seed + n_experts)
-            sizes = moe.expert_sizes
+            sizes = expert_sizes(d_ffn, n_experts)
             active = top_k * max(sizes)
             moe_bytes = (3 * active * hidden + n_experts * hidden) * esize
-            moe(xs[0])  # lays out the transposed down_proj once (not timed)
-            moe_dec = median_ms(lambda i: moe(xs[i % n_inputs]), repeats, warmup)
-            moe_pre = median_ms(lambda i: moe(xp), max(1, repeats // 2), 1) if prefill else float("nan")
-            strided_dec = float("nan")
-            if strided:
-                st = moe_sharing(dense, n_experts, top_k, gating, seed + n_experts)
-                st.transpose_down = False
-                strided_dec = median_ms(lambda i: st(xs[i % n_inputs]), repeats, warmup)
-                del st
+            decode = {}
+            for layout, flag in (("transposed", True), ("linear", False)):
+                moe = moe_sharing(dense, n_experts, top_k, gating, seed + n_experts)
+                moe.transpose_down = flag
+                moe(xs[0])  # lays out down_proj once (not timed)
+                decode[layout] = median_ms(lambda i: moe(xs[i % n_inputs]), repeats, warmup) if both_layouts or flag == auto_t else float("nan")
+                if flag == auto_t:
+                    moe_pre = median_ms(lambda i: moe(xp), max(1, repeats // 2), 1) if prefill else float("nan")
+                del moe
+                gc.collect()
+            moe_dec = decode["transposed" if auto_t else "linear"]
             limit = dense_bytes / moe_bytes
             flop_limit = (3 * d_ffn) / (3 * active + n_experts)
             row = {
                 "shape": shape_name, "hidden": hidden, "d_ffn": d_ffn, "dtype": dtype_name,
                 "experts": n_experts, "top_k": top_k, "expert_size": max(sizes),
                 "active_fraction": top_k * max(sizes) / d_ffn,
+                "down_layout": "transposed" if auto_t else "linear",
                 "dense_decode_ms": dense_dec, "moe_decode_ms": moe_dec, "decode_speedup": dense_dec / moe_dec,
                 "bytes_per_token_dense": dense_bytes, "bytes_per_token_moe": moe_bytes,
                 "decode_limit": limit, "decode_fraction_of_limit": (dense_dec / moe_dec) / limit,
                 "dense_decode_GBps": dense_bytes / dense_dec / 1e6, "moe_decode_GBps": moe_bytes / moe_dec / 1e6,
-                "strided_down_decode_ms": strided_dec,
-                "strided_down_decode_speedup": dense_dec / strided_dec if strided else float("nan"),
+                "decode_ms_down_transposed": decode["transposed"], "decode_ms_down_linear": decode["linear"],
+                "decode_speedup_down_transposed": dense_dec / decode["transposed"],
+                "decode_speedup_down_linear": dense_dec / decode["linear"],
                 "prefill_tokens": prefill, "dense_prefill_ms": dense_pre, "moe_prefill_ms": moe_pre,
                 "prefill_speedup": dense_pre / moe_pre if prefill else float("nan"), "prefill_flop_limit": flop_limit,
             }
             rows.append(row)
-            del moe
-            gc.collect()
     return rows
 
 
@@ -216,14 +220,15 @@ def print_table(title: str, headers: list[str], cells: list[list[str]]) -> None:
 def ffn_table(rows: list[dict[str, Any]], title: str) -> None:
     headers = [
         "shape", "dtype", "E:k", "active", "dense dec ms", "MoE dec ms", "dec x", "limit x", "of limit",
-        "strided-down dec x", "dense pre ms", "MoE pre ms", "pre x", "FLOP limit x",
+        "dec x down-T", "dec x down-L", "dense pre ms", "MoE pre ms", "pre x", "FLOP limit x",
     ]
     cells = [
         [
             r["shape"], r["dtype"], f"{r['experts']}:{r['top_k']}", f"{100 * r['active_fraction']:.0f}%",
             f"{r['dense_decode_ms']:.3f}", f"{r['moe_decode_ms']:.3f}", f"{r['decode_speedup']:.2f}",
             f"{r['decode_limit']:.2f}", f"{100 * r['decode_fraction_of_limit']:.0f}%",
-            f"{r['strided_down_decode_speedup']:.2f}", f"{r['dense_prefill_ms']:.2f}", f"{r['moe_prefill_ms']:.2f}",
+            f"{r['decode_speedup_down_transposed']:.2f}", f"{r['decode_speedup_down_linear']:.2f}",
+            f"{r['dense_prefill_ms']:.2f}", f"{r['moe_prefill_ms']:.2f}",
             f"{r['prefill_speedup']:.2f}", f"{r['prefill_flop_limit']:.2f}",
         ]
         for r in rows
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gating", default="mask", help="MoefyMLP gating for the FFN rows (mask, softmax, softmax-renorm)")
-    ap.add_argument("--no-strided", action="store_true", help="skip the strided-down_proj decode comparison")
+    ap.add_argument("--default-layout-only", action="store_true", help="skip timing the non-default down_proj layout")
     ap.add_argument("--skip-ffn", action="store_true", help="only the whole-model part")
     ap.add_argument("--model-dense", default=None, help="dense model (directory, .gguf, hub id) for part 2")
     ap.add_argument("--model-moe", default=None, help="its converted moefy checkpoint for part 2")
@@ -288,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             for dtype_name in args.dtypes:
                 rows = ffn_rows(
                     shape_name, hidden, d_ffn, dtype_name, configs, args.prefill, args.repeats, args.warmup,
-                    args.gating, not args.no_strided, args.seed,
+                    args.gating, not args.default_layout_only, args.seed,
                 )
                 result["ffn"].extend(rows)
                 ffn_table(

@@ -68,6 +68,19 @@ def read_texts(path: str | Path) -> list[str]:
     raise CalibrationDataError(f"unknown calibration file format {suffix or '(no suffix)'!r} for {p}; use one of {known}")
 
 
+def check_paths(paths: list[str]) -> None:
+    """Fail fast (before a model is loaded) on missing files or unknown formats."""
+    known = TEXT_SUFFIXES + JSON_SUFFIXES
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise CalibrationDataError(f"calibration file not found: {p}")
+        if p.suffix.lower() not in known:
+            raise CalibrationDataError(
+                f"unknown calibration file format {p.suffix or '(no suffix)'!r} for {p}; use one of {', '.join(known)}"
+            )
+
+
 def _bos(tokenizer: object) -> int | None:
     bos = getattr(tokenizer, "bos_token_id", None)
     return int(bos) if bos is not None else None

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .adapters import get_adapter
-from .calibration import CalibrationSet, from_files, sample_from_model
+from .calibration import CalibrationSet, check_paths, from_files, sample_from_model
 from .config import ConvertConfig
 from .convert import active_fraction, e2e_stage, layerwise_stage, make_layer, summary
 from .dotmoe import DotMoeLayer
@@ -160,6 +160,7 @@ def run_convert(
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
     cfg.validate()
+    check_paths(list(calib_files or []))
     torch.manual_seed(cfg.seed)
     loaded = load(model_spec)
     model, tok = loaded.model, loaded.tokenizer
