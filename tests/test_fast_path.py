@@ -127,6 +127,25 @@ def test_strided_down_layout_gives_the_same_result():
     assert not b.down_proj.weight.t().is_contiguous()
 
 
+def test_layout_follows_dtype_after_a_cast():
+    mlp = make_mlp()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        mlp(x)
+        assert mlp.down_proj.weight.t().is_contiguous()  # fp32 on CPU: transposed
+        mlp.to(torch.bfloat16)
+        fast = mlp(x.bfloat16())
+        assert mlp.down_proj.weight.is_contiguous()  # bf16 on CPU: nn.Linear's layout
+        assert_close(fast.float(), mlp.forward_reference(x.bfloat16()).float(), rtol=2e-2, atol=2e-2)
+        mlp.to(torch.float32)
+        mlp(x)
+        assert mlp.down_proj.weight.t().is_contiguous()
+        mlp.train()
+        mlp.transpose_down = False
+        mlp(x)  # no layout changes while training
+        assert mlp.down_proj.weight.t().is_contiguous()
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
