@@ -10,7 +10,9 @@ Part 1 - one FFN layer, random weights, at LLaMA-2-7B (4096 x 11008) and LLaMA-3
   sharing the same weights, measured in the same run; reported as speed-up = dense / MoE;
 * the physical limit of that speed-up: bytes of weights read per token, dense / MoE (router
   included); decode is memory-bound, so ``achieved / limit`` is how close decode gets to
-  reading only the chosen experts.  For prefill, the FLOP ratio is shown instead;
+  reading only the chosen experts (above 100 % means the MoE streams its bytes faster than
+  the dense FFN does, e.g. thanks to the transposed down_proj layout; the JSON also has GB/s
+  for both).  For prefill, the FLOP ratio is shown instead;
 * decode with both memory layouts of ``down_proj`` (``dec x down-T``: ``transpose_down=True``,
   each expert's down-projection one contiguous block; ``dec x down-L``: nn.Linear's layout,
   strided column slices); the main columns use MoefyMLP's default (transposed for fp32 on

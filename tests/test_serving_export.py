@@ -364,6 +364,14 @@ def test_bad_inputs(renorm_ckpt, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.gguf").exists()
 
 
+def test_export_model_gating_override(tmp_path):
+    moe = tiny_moefy(gating="mask")  # e.g. a model trained with softmax-renorm but saved with the wrong flag
+    export_model(moe, "mixtral", tmp_path / "m", gating="softmax-renorm")
+    assert moe.config.gating == "softmax-renorm"
+    mix = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert_same_logits(logits(mix), logits(moe))
+
+
 def test_set_gating_changes_every_layer():
     moe = set_gating(tiny_moefy(), "softmax-renorm")
     assert moe.config.gating == "softmax-renorm"

@@ -65,11 +65,10 @@ SIDE_FILES = (
 
 
 # --------------------------------------------------------------------------- loading
-def load_moefy_dir(path: str | Path, dtype: torch.dtype | str = "auto") -> MoefyForCausalLM:
-    """Load a moefy checkpoint directory (safetensors only, no remote code)."""
-    from transformers import AutoModelForCausalLM
-
-    from .models import _check_local_dir, _quiet_transformers
+def check_moefy_dir(path: str | Path) -> Path:
+    """A readable moefy checkpoint directory (safetensors intact, ``model_type`` moefy), or a
+    one-line :class:`MoefyError`."""
+    from .models import _check_local_dir
 
     path = Path(path)
     if not path.is_dir():
@@ -83,6 +82,16 @@ def load_moefy_dir(path: str | Path, dtype: torch.dtype | str = "auto") -> Moefy
         raise UnsupportedModelError(
             f"{path} is a {model_type!r} model, not a moefy checkpoint; `moefy export` exports the output of `moefy convert`"
         )
+    return path
+
+
+def load_moefy_dir(path: str | Path, dtype: torch.dtype | str = "auto") -> MoefyForCausalLM:
+    """Load a moefy checkpoint directory (safetensors only, no remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    from .models import _quiet_transformers
+
+    path = check_moefy_dir(path)
     _quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False)
     model.eval()
@@ -676,12 +685,14 @@ def export_checkpoint(
     if out.exists() and out.resolve() == src.resolve():
         raise ConfigError("--out must differ from the input checkpoint")
     prepare_output(out, overwrite)  # fail fast, before loading the model
+    if fmt == "hf":  # a file copy: no need to load the weights
+        return write_hf(None, out, src_dir=check_moefy_dir(src), overwrite=overwrite)
     model = load_moefy_dir(src)
     return export_model(model, fmt, out, src_dir=src, overwrite=overwrite, dtype=dtype)
 
 
 __all__ = [
-    "FORMATS", "WRITERS", "export_checkpoint", "export_model", "gguf_refusal", "gguf_tensors", "load_moefy_dir",
+    "FORMATS", "WRITERS", "check_moefy_dir", "export_checkpoint", "export_model", "gguf_refusal", "gguf_tensors", "load_moefy_dir",
     "mixtral_refusal", "permute_qk", "qwen2_moe_refusal", "set_gating", "to_mixtral", "to_qwen2_moe",
     "unpermute_qk", "write_gguf", "write_hf", "write_mixtral", "write_qwen2_moe",
 ]
