@@ -407,3 +407,28 @@ def test_stories260k_gguf_carries_the_tokenizer_and_mixtral_matches(tmp_path, ca
     mix = AutoModelForCausalLM.from_pretrained(tmp_path / "mix").eval()
     assert_same_logits(logits(mix, ids), logits(moe, ids))
     assert AutoTokenizer.from_pretrained(tmp_path / "mix")("Once").input_ids == tok("Once").input_ids
+
+
+def test_trained_softmax_renorm_model_exports_to_mixtral(tmp_path):
+    """--gating softmax-renorm end to end: convert, then a stock Mixtral export equal in logits."""
+    import pytest
+
+    from conftest import STORIES, TINYSTORIES
+
+    if not STORIES.exists():
+        pytest.skip("../shared not present")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moefy.config import ConvertConfig
+    from moefy.runner import run_convert
+    from moefy.serving_export import export_checkpoint
+
+    cfg = ConvertConfig(n_experts=4, top_k=2, gating="softmax-renorm", calib_tokens=1024, seq_len=64, steps=3)
+    res = run_convert(str(STORIES), tmp_path / "moe", cfg, [str(TINYSTORIES)], log=lambda *_: None)
+    export_checkpoint(res.out, "mixtral", tmp_path / "mixtral")
+    ids = torch.randint(3, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(res.out)(input_ids=ids).logits
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral")(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4)

@@ -68,6 +68,7 @@ def convert(
     rounding: Annotated[str, typer.Option(help="greedy (paper) | exact (transport LP)")] = "greedy",
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated decoder layers to convert (default all).")] = None,
     router: Annotated[str, typer.Option(help="topk (hard top-k, STE) | lapsum (SoftMoE truncated LapSum soft top-k)")] = "topk",
+    gating: Annotated[str, typer.Option(help="top-k expert weights: mask (1.0, the paper) | softmax-renorm (Mixtral's; exact stock export)")] = "mask",
     budget: Annotated[Optional[float], typer.Option(help="LapSum: total mean active experts over all layers K (default top-k x layers).")] = None,
     budget_mode: Annotated[str, typer.Option(help="LapSum: learned (per-layer k_l, needs --stage e2e|both) | fixed (K/L)")] = "learned",
     max_active: Annotated[Optional[int], typer.Option(help="LapSum: most experts one token may use.")] = None,
@@ -87,7 +88,7 @@ def convert(
     cfg = ConvertConfig(
         n_experts=experts, top_k=top_k, method=method, n_shared=shared, stage=stage, seed=seed,
         calib_tokens=calib_tokens, seq_len=seq_len, weights=weights, steps=steps, e2e_steps=e2e_steps,
-        init=init, rounding=rounding, layers=layer_list, router=router, budget=budget,
+        init=init, rounding=rounding, layers=layer_list, router=router, gating=gating, budget=budget,
         budget_mode=budget_mode, max_active=max_active,
     )
     cfg.validate()

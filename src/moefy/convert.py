@@ -144,6 +144,7 @@ def make_layer(mlp: nn.Module, adapter: Adapter, config: Any, split: Split, cfg:
         sinkhorn_iters=cfg.sinkhorn_iters,
         router_type=cfg.router,
         max_active=cfg.max_active,
+        gating=cfg.gating,
     )
 
 

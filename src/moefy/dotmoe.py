@@ -42,6 +42,7 @@ class DotMoeLayer(nn.Module):
         sinkhorn_iters: int = 30,
         router_type: str = "topk",
         max_active: int | None = None,
+        gating: str = "mask",
     ) -> None:
         super().__init__()
         n_exp = split.n_experts
@@ -86,6 +87,7 @@ class DotMoeLayer(nn.Module):
         # LapSum soft top-k (SoftMoE): expert weights F((r - t)/alpha) summing to k (a real
         # budget, possibly learned per layer), truncated below ``threshold``.
         self.router_type = router_type
+        self.gating = gating  # top-k: "mask" (weight 1, DOT-MoE) or "softmax-renorm" (Mixtral's)
         self.k_budget: float | torch.Tensor = float(top_k)
         self.max_active = max_active
         self.log_alpha = nn.Parameter(torch.zeros(()), requires_grad=router_type == "lapsum")
@@ -144,6 +146,9 @@ class DotMoeLayer(nn.Module):
         else:
             r_ste, hard, probs = route_ste(logits, self.top_k)
             self.aux = {"logits": logits, "probs": probs, "hard": hard}
+            if self.gating == "softmax-renorm":  # exact gradients through the chosen weights
+                top = logits.topk(self.top_k, dim=-1)
+                r_ste = torch.zeros_like(logits).scatter(-1, top.indices, torch.softmax(top.values, dim=-1))
             routed = r_ste @ self.assignment_ste().T
         full = torch.ones(*x.shape[:-1], self.d_ffn, dtype=x.dtype, device=x.device)
         return full.index_copy(-1, self.routed_idx, routed.to(x.dtype))
@@ -204,7 +209,7 @@ class DotMoeLayer(nn.Module):
             hidden_act=self.hidden_act,
             bias=self.gate_bias is not None,
             router=self.router_type,
-            gating="lapsum" if self.router_type == "lapsum" else "mask",
+            gating="lapsum" if self.router_type == "lapsum" else self.gating,
             lapsum_alpha=float(self.log_alpha.exp()),
             lapsum_threshold=float(self.threshold),
             max_active=self.max_active,

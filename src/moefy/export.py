@@ -50,6 +50,8 @@ def to_moefy_model(model: nn.Module, router: str = "topk", gating: str = "mask")
             layer.mlp = mlp
         if isinstance(mlp, MoefyMLP):
             spec = {"expert_sizes": mlp.expert_sizes, "n_shared": mlp.n_shared, "top_k": mlp.top_k}
+            if mlp.gating != "mask":
+                gating = mlp.gating
             if mlp.router_type == "lapsum":
                 router, gating = "lapsum", "lapsum"
                 spec.update(lapsum_alpha=mlp.lapsum_alpha, lapsum_threshold=mlp.lapsum_threshold)
