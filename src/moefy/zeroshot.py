@@ -598,8 +598,10 @@ def evaluate_tasks(
     names = [t for t in names if t]
     if not names:
         raise ValueError(f"no tasks given; supported: {', '.join(TASKS)}")
+    for name in names:  # every name first, so an unknown one is reported whatever the files
+        task_path(name, data_root)
     for name in names:
-        path = task_path(name, data_root)  # raises for unknown names
+        path = task_path(name, data_root)
         if not path.is_file():
             raise ValueError(f"data file for task {name!r} not found: {path}")
     results = {}
