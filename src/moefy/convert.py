@@ -300,7 +300,7 @@ def e2e_stage(
             return
         k_l = layer_budgets(eta, total_budget) if learn_budget else torch.full((len(order),), total_budget / len(order))
         for j, i in enumerate(order):
-            dots[i].k_budget = float(k_l[j]) if detach else k_l[j]
+            dots[i].k_budget = float(k_l[j].detach()) if detach else k_l[j]
 
     recalib_ids = calib[: min(4, calib.shape[0])]
 
