@@ -78,3 +78,24 @@ def test_compare_report_and_resume(tmp_path):
     stamp = (tmp_path / "r" / "cells" / "dot-E4k2" / "eval.json").stat().st_mtime_ns
     run_compare(str(STORIES), tmp_path / "r", **kw)  # finished cells are not recomputed
     assert (tmp_path / "r" / "cells" / "dot-E4k2" / "eval.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("weights", ["ridge", "grad", "grad+ridge"])
+def test_weight_adaptation_never_worsens_held_out_error(weights):
+    from moefy.dotmoe import DotMoeLayer
+    from moefy.layerwise import fit_layer
+
+    torch.manual_seed(0)
+    ffn = _ffn(n=64, d=16)
+    x = torch.randn(2048, 16)
+    h = torch.nn.functional.silu(x @ ffn.gate.T) * (x @ ffn.up.T)
+    y = h @ ffn.down.T
+    split = random_split(64, 4, 0)
+    base = ConvertConfig(n_experts=4, top_k=1, steps=10, eval_every=5, weights="none", weight_steps=20, lr_weights=1e-3)
+    layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", split, 1)
+    ref = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], base, 0)
+    layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", split, 1)
+    cfg = ConvertConfig(**{**base.to_dict(), "weights": weights})
+    rep = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0)
+    assert rep.error_final <= ref.error_final + 1e-6
+    assert rep.error_final < rep.error_routed  # the adaptation found something on this easy case

@@ -93,6 +93,26 @@ def _check_finite(loss: torch.Tensor, layer_idx: int, step: int) -> None:
         raise NonFiniteLossError(f"non-finite loss in layer {layer_idx} at step {step}; lower the learning rates")
 
 
+def _step(
+    layer: DotMoeLayer,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    h: torch.Tensor | None,
+    cfg: ConvertConfig,
+    layer_idx: int,
+    step: int,
+) -> None:
+    """One Adam step on relative output error + z-loss + load balance."""
+    out = layer(x, h)
+    zl, lb = layer.aux_losses()
+    loss = _relative_loss(out, y) + cfg.z_loss_weight * zl + cfg.balance_weight * lb
+    _check_finite(loss, layer_idx, step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def train_routing(
     layer: DotMoeLayer,
     x: torch.Tensor,
@@ -119,13 +139,7 @@ def train_routing(
     for step in range(cfg.steps):
         layer.tau = geometric_schedule(cfg.tau_start, cfg.tau_end, step, cfg.steps)
         idx = torch.randint(0, n, (min(cfg.batch_tokens, n),), generator=gen)
-        out = layer(x[idx], h[idx])
-        zl, lb = layer.aux_losses()
-        loss = _relative_loss(out, y[idx]) + cfg.z_loss_weight * zl + cfg.balance_weight * lb
-        _check_finite(loss, layer_idx, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _step(layer, opt, x[idx], y[idx], h[idx], cfg, layer_idx, step)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             layer.calibrate_threshold(x[:8192])
             err = _eval_error(layer, x_val, y_val, h_val)
@@ -200,13 +214,7 @@ def train_weights(
     n = x.shape[0]
     for step in range(cfg.weight_steps):
         idx = torch.randint(0, n, (min(cfg.batch_tokens, n),), generator=gen)
-        out = layer(x[idx])
-        zl, lb = layer.aux_losses()
-        loss = _relative_loss(out, y[idx]) + cfg.z_loss_weight * zl + cfg.balance_weight * lb
-        _check_finite(loss, layer_idx, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _step(layer, opt, x[idx], y[idx], None, cfg, layer_idx, step)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.weight_steps:
             err = _eval_error(layer, x_val, y_val, None)
             if err < best:
