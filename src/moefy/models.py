@@ -6,10 +6,13 @@ refused: a user's checkpoint is only ever read through safetensors or GGUF.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +56,22 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover
         pass
+
+
+@contextlib.contextmanager
+def _quiet_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar; silence it for the load."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _check_local_dir(path: Path) -> None:
@@ -108,8 +127,9 @@ def load(spec: str, dtype: torch.dtype = torch.float32) -> Loaded:
                 raise ModelNotFoundError(f"model file not found: {path}")
             _check_gguf(path)
             kw = {"gguf_file": path.name}
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
-            tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+            with _quiet_gguf_bar():
+                model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
+                tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
             source = f"gguf:{path}"
         elif path.exists():
             if not path.is_dir():
