@@ -183,8 +183,6 @@ def _base_refusal(fmt: str, model: MoefyForCausalLM, bases: tuple[str, ...]) -> 
         return f"{fmt} export needs the SiLU activation; this model uses {model.config.hidden_act!r}"
     if getattr(cfg, "mlp_bias", False):
         return f"{fmt} export cannot represent FFN biases (mlp_bias=true)"
-    if getattr(cfg, "attention_bias", False):
-        return f"{fmt} export cannot represent attention biases (attention_bias=true)"
     return None
 
 
@@ -193,6 +191,8 @@ def mixtral_refusal(model: MoefyForCausalLM, fmt: str = "mixtral") -> str | None
     reason = _base_refusal(fmt, model, LLAMA_BASES)
     if reason:
         return reason
+    if getattr(model.config.to_base_config(), "attention_bias", False):
+        return f"{fmt} export cannot represent attention biases (attention_bias=true)"
     layers = moe_layers(model)
     dense = [i for i, m in enumerate(layers) if m is None]
     if dense:
@@ -213,14 +213,11 @@ def mixtral_refusal(model: MoefyForCausalLM, fmt: str = "mixtral") -> str | None
 def qwen2_moe_refusal(model: MoefyForCausalLM) -> str | None:
     """Why ``model`` cannot be exported exactly as Qwen2-MoE, or ``None``."""
     fmt = "qwen2-moe"
+    reason = _base_refusal(fmt, model, QWEN2_MOE_BASES)
+    if reason:
+        return reason
     cfg = model.config.to_base_config()
     mt = cfg.model_type
-    if mt not in QWEN2_MOE_BASES:
-        return f"{fmt} export needs a {'/'.join(QWEN2_MOE_BASES)} base model; this one is {mt!r}"
-    if model.config.hidden_act != "silu" or getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"{fmt} export needs the SiLU activation; this model uses {model.config.hidden_act!r}"
-    if getattr(cfg, "mlp_bias", False):
-        return f"{fmt} export cannot represent FFN biases (mlp_bias=true)"
     if mt == "llama" and getattr(cfg, "attention_bias", False):
         return f"{fmt} export cannot represent an attention output bias (attention_bias=true)"
     if mt == "mistral" and getattr(cfg, "sliding_window", None) is not None:
