@@ -3,7 +3,9 @@
 For chosen decoder layers of a dense model, FFN inputs on calibration text (dense inputs, as
 in the paper), last 1/8 of the sequences held out. Each method's split + router is fitted with
 the same code as ``moefy convert`` and scored on held-out tokens by the relative output error
-``||Y_hat - Y||^2 / ||Y||^2``:
+``sum_t w_t ||Y_hat_t - Y_t||^2 / sum_t w_t ||Y_t||^2``, with the same token weights as the
+layer loss of ``moefy convert`` (``w = 1`` with ``--token-weighting none``; with ``clip`` only
+tokens above 16x the median output energy are down-weighted):
 
 - ``routed``: split + router, dense weights (what the split alone keeps);
 - ``ridge``: after the ridge refit of W_down (moefy's default weight adaptation);
@@ -47,8 +49,14 @@ def capture(model_spec: str, calib: str, tokens: int, seq_len: int, layers: list
     return model, adapter, io, cal.n_tokens
 
 
+def _err(y_hat, y, w) -> float:
+    from moefy.layerwise import relative_error
+
+    return relative_error(y_hat, y, w)
+
+
 @torch.no_grad()
-def oracle_error(dot, x, y) -> float:
+def oracle_error(dot, x, y, w=None) -> float:
     split = dot.split()
     h = dot.hidden(x)
     c = torch.stack([h[:, idx] @ dot.down[:, idx].T for idx in split.experts], 1)
@@ -64,28 +72,30 @@ def oracle_error(dot, x, y) -> float:
         e = gain.argmax(1)
         chosen[torch.arange(len(e)), e] = True
         res = res - c[torch.arange(len(e)), e]
-    return float(res.pow(2).sum() / y.pow(2).sum())
+    return _err(y - res, y, w)
 
 
 @torch.no_grad()
-def neuron_oracle_error(ffn, act, x, y, fraction: float) -> float:
+def neuron_oracle_error(ffn, act, x, y, fraction: float, w=None) -> float:
     h = act(x @ ffn.gate.T) * (x @ ffn.up.T)
     score = h.abs() * ffn.down.norm(dim=0)
     k = int(round(fraction * h.shape[1]))
     keep = torch.zeros_like(h).scatter_(1, score.topk(k, dim=1).indices, 1.0)
     yh = (h * keep) @ ffn.down.T
-    return float((yh - y).pow(2).sum() / y.pow(2).sum())
+    return _err(yh, y, w)
 
 
-def fit(model, adapter, io, i, method, e, k, shared, steps, weights, seed=0):
+def fit(model, adapter, io, i, method, e, k, shared, steps, weights, seed=0, token_weighting="none", **overrides):
     from moefy.config import ConvertConfig
     from moefy.convert import _split_train_val, initial_split, make_layer
-    from moefy.layerwise import fit_layer
+    from moefy.layerwise import fit_layer, token_weights
     from moefy.splits import activation_sample
 
     x, y = io[i]
-    cfg = ConvertConfig(method=method, n_experts=e, top_k=k, n_shared=shared, steps=steps, weights=weights, seed=seed)
+    cfg = ConvertConfig(method=method, n_experts=e, top_k=k, n_shared=shared, steps=steps, weights=weights, seed=seed,
+                        token_weighting=token_weighting, **overrides)
     xt, yt, xv, yv = _split_train_val(x, y, cfg.val_fraction)
+    wv = token_weights(yv, yt, cfg.token_clip) if token_weighting == "clip" else None
     mlp = adapter.layers(model)[i].mlp
     ffn = adapter.ffn_weights(mlp)
     act = getattr(mlp, adapter.act_attr)
@@ -97,8 +107,8 @@ def fit(model, adapter, io, i, method, e, k, shared, steps, weights, seed=0):
     out = {"routed": rep.error_routed, "ridge": rep.error_final, "init": rep.error_init,
            "moved": rep.neurons_moved, "seconds": time.time() - t0}
     if method != "prune":
-        out["oracle"] = oracle_error(dot, xv, yv)
-    return out, (ffn, act, xv, yv)
+        out["oracle"] = oracle_error(dot, xv, yv, wv)
+    return out, (ffn, act, xv, yv, wv)
 
 
 def main() -> None:
@@ -114,6 +124,7 @@ def main() -> None:
                     help="E:k[:shared] granularity sweep (dot and act-cluster)")
     ap.add_argument("--sweep-layers", default="15,25")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--token-weighting", default="none", choices=["clip", "none"])
     ap.add_argument("--json", default="benchmarks/results/reconstruction.json")
     args = ap.parse_args()
     layers = [int(v) for v in args.layers.split(",")]
@@ -130,9 +141,10 @@ def main() -> None:
         e, k, s = parse(spec)
         for i in layers:
             for method in args.methods.split(","):
-                r, (ffn, act, xv, yv) = fit(model, adapter, io, i, method, e, k, s, args.steps, "ridge")
+                r, (ffn, act, xv, yv, wv) = fit(model, adapter, io, i, method, e, k, s, args.steps, "ridge",
+                                                token_weighting=args.token_weighting)
                 frac = (s + k * (ffn.d_ffn - s) / e) / ffn.d_ffn
-                r["neuron_oracle"] = neuron_oracle_error(ffn, act, xv, yv, frac)
+                r["neuron_oracle"] = neuron_oracle_error(ffn, act, xv, yv, frac, wv)
                 row = {"layer": i, "E": e, "k": k, "shared": s, "method": method, **r}
                 results["methods"].append(row)
                 print(f"{i:>5} {spec:>9} {method:<14}{r['routed']:>8.3f}{r['ridge']:>8.3f}{r.get('oracle', float('nan')):>8.3f}"
@@ -142,7 +154,7 @@ def main() -> None:
         e, k, s = parse(spec)
         for i in sweep_layers:
             for method in ("dot", "act-cluster"):
-                r, _ = fit(model, adapter, io, i, method, e, k, s, args.steps, "ridge")
+                r, _ = fit(model, adapter, io, i, method, e, k, s, args.steps, "ridge", token_weighting=args.token_weighting)
                 results["sweep"].append({"layer": i, "E": e, "k": k, "shared": s, "method": method, **r})
                 print(f"{i:>5} {spec:>9} {method:<14}{r['routed']:>8.3f}{r['ridge']:>8.3f}{r.get('oracle', float('nan')):>8.3f}"
                       f"{'':>9}{r['moved']:>7}{r['seconds']:>6.0f}  (sweep)", flush=True)

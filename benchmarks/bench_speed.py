@@ -58,14 +58,25 @@ QUICK_CONFIGS = [(8, 2), (16, 4)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+DEVICE = torch.device("cpu")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def median_ms(fn: Callable[[int], object], repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn(i)`` in ms (``i`` = call index, to vary the input)."""
+    """Median wall time of ``fn(i)`` in ms (``i`` = call index, to vary the input); on a GPU
+    the device is synchronised before and after each call."""
     for i in range(warmup):
         fn(i)
     times = []
     for i in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn(warmup + i)
+        _sync()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -93,7 +104,7 @@ def moe_sharing(dense: DenseFFN, n_experts: int, top_k: int, gating: str, seed: 
     with torch.device("meta"):
         mlp = MoefyMLP(hidden, expert_sizes(d_ffn, n_experts), top_k=top_k, gating=gating)
     g = torch.Generator().manual_seed(seed)
-    router = (torch.randn(n_experts, hidden, generator=g) / hidden**0.5).to(dense.gate.dtype)
+    router = (torch.randn(n_experts, hidden, generator=g) / hidden**0.5).to(dense.gate.dtype).to(DEVICE)
     mlp.gate_proj.weight = nn.Parameter(dense.gate, requires_grad=False)
     mlp.up_proj.weight = nn.Parameter(dense.up, requires_grad=False)
     mlp.down_proj.weight = nn.Parameter(dense.down, requires_grad=False)
@@ -109,15 +120,16 @@ def ffn_rows(
     g = torch.Generator().manual_seed(seed)
     std = 1.0 / hidden**0.5
     dense = DenseFFN(
-        (torch.randn(d_ffn, hidden, generator=g) * std).to(dtype),
-        (torch.randn(d_ffn, hidden, generator=g) * std).to(dtype),
-        (torch.randn(hidden, d_ffn, generator=g) * std).to(dtype),
+        (torch.randn(d_ffn, hidden, generator=g) * std).to(dtype).to(DEVICE),
+        (torch.randn(d_ffn, hidden, generator=g) * std).to(dtype).to(DEVICE),
+        (torch.randn(hidden, d_ffn, generator=g) * std).to(dtype).to(DEVICE),
     )
     n_inputs = max(repeats + warmup, 1)
-    xs = (torch.randn(n_inputs, 1, hidden, generator=g)).to(dtype)
-    xp = (torch.randn(prefill, hidden, generator=g)).to(dtype)
+    xs = (torch.randn(n_inputs, 1, hidden, generator=g)).to(dtype).to(DEVICE)
+    xp = (torch.randn(prefill, hidden, generator=g)).to(dtype).to(DEVICE)
     esize = torch.finfo(dtype).bits // 8
-    auto_t = dtype in (torch.float32, torch.float64)  # MoefyMLP's default (transpose_down=None) on CPU
+    # MoefyMLP's default (transpose_down=None): transposed for fp32 on CPU only
+    auto_t = dtype in (torch.float32, torch.float64) and DEVICE.type == "cpu"
     rows = []
     with torch.no_grad():
         dense_dec = median_ms(lambda i: dense(xs[i % n_inputs]), repeats, warmup)
@@ -166,24 +178,26 @@ def model_speed(spec: str, dtype: torch.dtype, prompt_tokens: int, gen_tokens: i
     from moefy.models import load
 
     loaded = load(spec, dtype=dtype)
-    model = loaded.model.eval()
+    model = loaded.model.eval().to(DEVICE)
     cfg = getattr(model.config, "base_config", None) or model.config.to_dict()
     vocab = int(cfg["vocab_size"] if isinstance(cfg, dict) else cfg.vocab_size)
     max_pos = int((cfg.get("max_position_embeddings") if isinstance(cfg, dict) else None) or 2048)
     prefill = min(prefill, max_pos)
     prompt_tokens = min(prompt_tokens, max_pos - gen_tokens - 1)
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=g)
-    long = torch.randint(3, vocab, (1, prefill), generator=g)
+    prompt = torch.randint(3, vocab, (1, prompt_tokens), generator=g).to(DEVICE)
+    long = torch.randint(3, vocab, (1, prefill), generator=g).to(DEVICE)
 
     def decode_run() -> float:
         cache = DynamicCache()
         out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
+        _sync()
         t0 = time.perf_counter()
         for _ in range(gen_tokens):
             out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
             nxt = out.logits[:, -1:].argmax(-1)
+        _sync()
         return time.perf_counter() - t0
 
     with torch.no_grad():
@@ -256,8 +270,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (results are labelled by device)")
     ap.add_argument("--json", type=Path, default=None, help="default benchmarks/results/speed.json (speed_quick.json with --quick)")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.json is None:
@@ -286,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {
         "benchmark": "speed", "quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-        "device": "cpu", "repeats": args.repeats, "warmup": args.warmup, "gating": args.gating,
+        "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "repeats": args.repeats, "warmup": args.warmup, "gating": args.gating,
         "statistic": "median wall time; speed-up = dense / MoE in the same run",
     }
     result: dict[str, Any] = {"meta": meta, "ffn": [], "model": None}
@@ -300,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
                 result["ffn"].extend(rows)
                 ffn_table(
                     rows,
-                    f"FFN {shape_name} {hidden}x{d_ffn} {dtype_name}: batch-1 decode and {args.prefill}-token prefill, "
+                    f"FFN {shape_name} {hidden}x{d_ffn} {dtype_name} on {meta['device']}: batch-1 decode and {args.prefill}-token prefill, "
                     f"speed-up = dense / MoE ({torch.get_num_threads()} threads, median of {args.repeats})",
                 )
     if args.model_dense or args.model_moe:

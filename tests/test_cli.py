@@ -114,6 +114,10 @@ def test_eval_writes_ppl_json(converted, tmp_path, capsys):
     assert code == 0
     res = json.loads(out.read_text())
     assert res["ppl"] > 1 and res["tokens"] > 0
+    rec = json.loads((converted / "moefy.json").read_text())
+    # top-k routing runs exactly k experts per token in every converted layer
+    assert res["active_experts_per_layer"] == [float(rec["top_k"])] * len(rec["layers"])
+    assert res["mean_active_experts"] == pytest.approx(rec["top_k"])
 
 
 def test_k_equals_e_checkpoint_matches_dense(tmp_path, capsys):

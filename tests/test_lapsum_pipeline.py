@@ -53,3 +53,18 @@ def test_exported_model_runs_variable_k(lapsum_ckpt):
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     assert torch.allclose(fast, ref, atol=1e-4)
+
+
+def test_perplexity_measures_variable_active_experts(lapsum_ckpt):
+    import moefy  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from moefy.evaluate import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(lapsum_ckpt.out).eval()
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(0))
+    res = perplexity(model, ids, seq_len=64)
+    per_layer = res["active_experts_per_layer"]
+    assert len(per_layer) == len(lapsum_ckpt.record["layers"])
+    assert all(1.0 <= v <= 4.0 for v in per_layer)  # at least the best expert, at most max_active
+    assert res["mean_active_experts"] == pytest.approx(sum(per_layer) / len(per_layer), abs=1e-3)

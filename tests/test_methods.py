@@ -69,14 +69,26 @@ def test_compare_report_and_resume(tmp_path):
     from moefy.compare import run_compare
 
     base = ConvertConfig(calib_tokens=1024, seq_len=64, steps=3)
-    kw = dict(methods=["dot", "random"], grid=[(4, 2)], base=base, calib=[str(TINYSTORIES)], ppl_file=str(SAMPLE5),
+    kw = dict(methods=["dot", "random"], grid=[(4, 2, 0), (4, 1, 4)], base=base, calib=[str(TINYSTORIES)], ppl_file=str(SAMPLE5),
               seq_len=64, log=lambda *_: None)
     res = run_compare(str(STORIES), tmp_path / "r", **kw)
-    assert set(res["cells"]) == {"dot-E4k2", "random-E4k2"}
+    assert set(res["cells"]) == {"dot-E4k2", "random-E4k2", "dot-E4k1s4", "random-E4k1s4"}
+    assert res["cells"]["dot-E4k1s4"]["n_shared"] == 4
     for f in ("results.json", "report.md", "ppl_vs_active.png", "layer_error.png", "expert_load.png"):
         assert (tmp_path / "r" / f).is_file()
     stamp = (tmp_path / "r" / "cells" / "dot-E4k2" / "eval.json").stat().st_mtime_ns
     run_compare(str(STORIES), tmp_path / "r", **kw)  # finished cells are not recomputed
+    assert (tmp_path / "r" / "cells" / "dot-E4k2" / "eval.json").stat().st_mtime_ns == stamp
+    # --report-only: cells copied in from another run join the report, nothing is recomputed
+    from moefy.compare import report_only
+
+    import shutil
+
+    shutil.copytree(tmp_path / "r" / "cells" / "dot-E4k2", tmp_path / "r" / "cells" / "copied-E4k2")
+    rebuilt = report_only(tmp_path / "r")
+    assert set(rebuilt["cells"]) == set(res["cells"]) | {"copied-E4k2"}
+    assert rebuilt["cells"]["copied-E4k2"]["eval"] == res["cells"]["dot-E4k2"]["eval"]
+    assert "copied-E4k2" in (tmp_path / "r" / "report.md").read_text()
     assert (tmp_path / "r" / "cells" / "dot-E4k2" / "eval.json").stat().st_mtime_ns == stamp
 
 
@@ -99,3 +111,112 @@ def test_weight_adaptation_never_worsens_held_out_error(weights):
     rep = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0)
     assert rep.error_final <= ref.error_final + 1e-6
     assert rep.error_final < rep.error_routed  # the adaptation found something on this easy case
+
+
+def test_token_weights_cap_outliers_only():
+    from moefy.layerwise import relative_error, token_weights
+
+    y = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    y[0] *= 100.0  # a "massive activation" token
+    w = token_weights(y, None, clip=16.0)
+    assert w.shape == (512,) and float(w.max()) == 1.0 and float(w.min()) > 0
+    assert float(w[0]) < 0.01 and bool((w[1:] > 0.2).all())
+    # w = 1 everywhere gives the plain relative error
+    y_hat = y + 0.1 * torch.randn_like(y)
+    assert relative_error(y_hat, y, torch.ones(512)) == pytest.approx(relative_error(y_hat, y), rel=1e-6)
+    # an error on the outlier alone dominates the unweighted metric, not the weighted one
+    y_bad = y.clone()
+    y_bad[0] = 0.0
+    assert relative_error(y_bad, y) > 0.9
+    assert relative_error(y_bad, y, w) < 0.1
+
+
+@pytest.mark.parametrize("weighting", ["none", "clip"])
+def test_fit_layer_token_weighting_is_deterministic(weighting):
+    from moefy.dotmoe import DotMoeLayer
+    from moefy.layerwise import fit_layer
+
+    ffn = _ffn(n=64, d=16)
+    x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(3))
+    x[::256] *= 30.0  # outlier tokens
+    y = (torch.nn.functional.silu(x @ ffn.gate.T) * (x @ ffn.up.T)) @ ffn.down.T
+    cfg = ConvertConfig(n_experts=4, top_k=1, steps=10, eval_every=5, token_weighting=weighting)
+    reps = []
+    for _ in range(2):
+        layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", random_split(64, 4, 0), 1)
+        reps.append(fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0))
+    assert reps[0].error_final == reps[1].error_final
+    assert reps[0].error_final <= reps[0].error_init + 1e-9
+
+
+def test_unknown_token_weighting_is_a_config_error():
+    from moefy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="token weighting"):
+        ConvertConfig(token_weighting="median").validate()
+
+
+def test_layerwise_stage_skips_calibration_forward_when_all_layers_are_restored(monkeypatch):
+    import moefy.convert as conv
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    cfg = ConvertConfig(n_experts=4, top_k=2, steps=2, eval_every=1)
+    conv.layerwise_stage(model, calib, cfg)
+    fitted = {i: layer.mlp for i, layer in enumerate(model.model.layers)}
+
+    fresh = tiny_model("llama")
+
+    def boom(*a, **k):
+        raise AssertionError("calibration activations captured although every layer was restored")
+
+    monkeypatch.setattr(conv, "capture_inputs", boom)
+    assert conv.layerwise_stage(fresh, calib, cfg, restored=fitted) == []
+    assert all(fresh.model.layers[i].mlp is fitted[i] for i in fitted)
+
+
+def test_dot_frozen_trains_the_router_only():
+    """The paper's sequential ablation: assignment frozen at its initialisation, router trained."""
+    from moefy.dotmoe import DotMoeLayer
+    from moefy.layerwise import fit_layer
+
+    ffn = _ffn(n=64, d=16)
+    x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(4))
+    y = (torch.nn.functional.silu(x @ ffn.gate.T) * (x @ ffn.up.T)) @ ffn.down.T
+    h = torch.nn.functional.silu(x @ ffn.gate.T) * (x @ ffn.up.T)
+    cfg = ConvertConfig(method="dot-frozen", n_experts=4, top_k=1, steps=10, eval_every=5, weights="none")
+    split = initial_split("dot-frozen", cfg.init, ffn, h[:512], cfg, seed=0)
+    layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", split, 1)
+    rep = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0)
+    assert rep.steps == 10 and rep.neurons_moved == 0
+    assert rep.error_routed <= rep.error_init + 1e-9  # the best held-out state is kept
+
+
+def test_parse_grid_accepts_shared_points():
+    from moefy.compare import parse_grid
+    from moefy.errors import ConfigError
+
+    assert parse_grid("8:2,7:1:192", shared=0) == [(8, 2, 0), (7, 1, 192)]
+    assert parse_grid("8:2", shared=16) == [(8, 2, 16)]
+    with pytest.raises(ConfigError, match="E:k"):
+        parse_grid("8-2")
+
+
+def test_ls_router_scoring_never_keeps_a_worse_assignment():
+    """Scoring each assignment with a refitted least-squares router as well as the STE router
+    leaves the training trajectory unchanged and can only lower the kept held-out error."""
+    from moefy.dotmoe import DotMoeLayer
+    from moefy.layerwise import fit_layer
+
+    ffn = _ffn(n=64, d=16, seed=2)
+    x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(5))
+    h = torch.nn.functional.silu(x @ ffn.gate.T) * (x @ ffn.up.T)
+    y = h @ ffn.down.T
+    errs = {}
+    for flag in (False, True):
+        cfg = ConvertConfig(n_experts=4, top_k=2, steps=20, eval_every=5, weights="none", ls_router_eval=flag)
+        split = initial_split("dot", cfg.init, ffn, h[:512], cfg, seed=0)
+        layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", split, 2, learn_assignment=True)
+        errs[flag] = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0).error_routed
+    assert errs[True] <= errs[False] + 1e-9

@@ -57,6 +57,7 @@ def convert(
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts each token uses.")] = 2,
     method: Annotated[str, typer.Option(help="dot | dot-frozen | random | param-cluster | act-cluster | prune")] = "dot",
     shared: Annotated[int, typer.Option("--shared", help="Always-active shared neurons per layer (taken from the routed budget).")] = 0,
+    shared_by: Annotated[str, typer.Option(help="Shared neurons chosen by: rate (CMoE: most often active) | importance (|activation| x down norm, as prune)")] = "rate",
     calib: Annotated[Optional[list[Path]], typer.Option("--calib", help="Calibration text (.txt/.jsonl/.json); repeatable. None: data-free.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration token budget.")] = 32768,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
@@ -72,6 +73,7 @@ def convert(
     budget: Annotated[Optional[float], typer.Option(help="LapSum: total mean active experts over all layers K (default top-k x layers).")] = None,
     budget_mode: Annotated[str, typer.Option(help="LapSum: learned (per-layer k_l, needs --stage e2e|both) | fixed (K/L)")] = "learned",
     max_active: Annotated[Optional[int], typer.Option(help="LapSum: most experts one token may use.")] = None,
+    token_weighting: Annotated[str, typer.Option(help="Layer loss: clip (cap outlier tokens' share) | none (plain summed MSE)")] = "none",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
@@ -86,10 +88,10 @@ def convert(
         except ValueError:
             raise ConfigError(f"--layers must be comma-separated integers, got {layers!r}") from None
     cfg = ConvertConfig(
-        n_experts=experts, top_k=top_k, method=method, n_shared=shared, stage=stage, seed=seed,
+        n_experts=experts, top_k=top_k, method=method, n_shared=shared, shared_by=shared_by, stage=stage, seed=seed,
         calib_tokens=calib_tokens, seq_len=seq_len, weights=weights, steps=steps, e2e_steps=e2e_steps,
         init=init, rounding=rounding, layers=layer_list, router=router, gating=gating, budget=budget,
-        budget_mode=budget_mode, max_active=max_active,
+        budget_mode=budget_mode, max_active=max_active, token_weighting=token_weighting,
     )
     cfg.validate()
     try:
@@ -142,6 +144,11 @@ def eval_cmd(
         table.add_column(m, justify="right")
     if ppl is not None:
         table.add_row(f"perplexity ({results[0]['tokens']} tokens)", *[f"{r['ppl']:.3f}" for r in results])
+        if any("mean_active_experts" in r for r in results):
+            table.add_row(
+                "active experts / token / layer (measured)",
+                *[f"{r['mean_active_experts']:.3f}" if "mean_active_experts" in r else "-" for r in results],
+            )
     for name in results[0].get("tasks", {}):
         table.add_row(
             f"{name} acc / acc_norm (n={results[0]['tasks'][name]['n']})",
@@ -214,11 +221,12 @@ def compare(
     model: Annotated[str, typer.Argument(help="Dense model (as for convert).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report directory (resumable).")],
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "dot,dot-frozen,random,param-cluster,act-cluster,prune",
-    grid: Annotated[str, typer.Option(help="Comma-separated E:k points.")] = "8:2,8:4",
+    grid: Annotated[str, typer.Option(help="Comma-separated E:k or E:k:shared points.")] = "8:2,8:4",
     calib: Annotated[Optional[list[Path]], typer.Option("--calib", help="Calibration text; repeatable.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration token budget (same for every method).")] = 16384,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
     shared: Annotated[int, typer.Option("--shared", help="Always-active shared neurons per layer.")] = 0,
+    shared_by: Annotated[str, typer.Option(help="Shared neurons chosen by: rate | importance")] = "rate",
     steps: Annotated[int, typer.Option(help="Layer-wise assignment steps (DOT-MoE).")] = 40,
     weights: Annotated[str, typer.Option(help="none | ridge | grad | grad+ridge")] = "ridge",
     ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Perplexity text.")] = None,
@@ -228,18 +236,29 @@ def compare(
     limit: Annotated[Optional[int], typer.Option(help="First N items per task.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Folder with commonsense/ and hellaswag/.")] = None,
     keep_models: Annotated[bool, typer.Option(help="Keep each cell's converted checkpoint.")] = True,
+    token_weighting: Annotated[str, typer.Option(help="Layer loss: clip | none")] = "none",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    report_only: Annotated[bool, typer.Option(help="Only rebuild the report from the finished cells in --out.")] = False,
 ) -> None:
     """Run a (method x E:k) grid through the same pipeline and write a report."""
-    from .compare import parse_grid, run_compare
+    from .compare import parse_grid, report_only as rebuild_report, run_compare
     from .config import ConvertConfig
 
+    if report_only:
+        meta = {"model": model, "calibration": [str(c) for c in calib or []], "ppl_file": str(ppl) if ppl else None,
+                "max_windows": max_windows, "tasks": [t.strip() for t in tasks.split(",")] if tasks else None,
+                "limit": limit}
+        res = rebuild_report(out, command="moefy " + " ".join(sys.argv[1:]), meta=meta)
+        console.print(f"report of {len(res['cells'])} cell(s) written to {out}/report.md")
+        return
+
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    points = parse_grid(grid)
-    base = ConvertConfig(calib_tokens=calib_tokens, seq_len=seq_len, n_shared=shared, steps=steps, weights=weights, seed=seed)
+    points = parse_grid(grid, shared)
+    base = ConvertConfig(calib_tokens=calib_tokens, seq_len=seq_len, n_shared=shared, shared_by=shared_by, steps=steps, weights=weights, seed=seed,
+                          token_weighting=token_weighting)
     for m in method_list:
-        for e, k in points:
-            replace_cfg = ConvertConfig(**{**base.to_dict(), "method": m, "n_experts": e, "top_k": k})
+        for e, k, s in points:
+            replace_cfg = ConvertConfig(**{**base.to_dict(), "method": m, "n_experts": e, "top_k": k, "n_shared": s})
             replace_cfg.validate()
     if ppl is None and not tasks:
         raise ConfigError("nothing to evaluate: give --ppl FILE and/or --tasks")

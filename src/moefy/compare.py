@@ -27,22 +27,26 @@ class Cell:
     method: str
     n_experts: int
     top_k: int
+    n_shared: int = 0
 
     @property
     def key(self) -> str:
-        return f"{self.method}-E{self.n_experts}k{self.top_k}"
+        return f"{self.method}-E{self.n_experts}k{self.top_k}" + (f"s{self.n_shared}" if self.n_shared else "")
 
 
-def parse_grid(grid: str) -> list[tuple[int, int]]:
+def parse_grid(grid: str, shared: int = 0) -> list[tuple[int, int, int]]:
+    """``E:k`` or ``E:k:shared`` points (``shared`` defaults to ``--shared``)."""
     from .errors import ConfigError
 
     out = []
     for item in grid.split(","):
         try:
-            e, k = item.strip().split(":")
-            out.append((int(e), int(k)))
+            parts = [int(v) for v in item.strip().split(":")]
+            if len(parts) not in (2, 3):
+                raise ValueError
+            out.append((parts[0], parts[1], parts[2] if len(parts) == 3 else shared))
         except ValueError:
-            raise ConfigError(f"--grid entries look like E:k (e.g. 8:2,8:4), got {item!r}") from None
+            raise ConfigError(f"--grid entries look like E:k or E:k:shared (e.g. 8:2,8:4,7:1:192), got {item!r}") from None
     return out
 
 
@@ -73,7 +77,7 @@ def run_compare(
     model: str,
     out: Path,
     methods: list[str],
-    grid: list[tuple[int, int]],
+    grid: list[tuple[int, int, int]],
     base: ConvertConfig,
     calib: list[str],
     ppl_file: str | None,
@@ -98,14 +102,14 @@ def run_compare(
         log("evaluating the dense model")
         _write_json(dense_eval, evaluate_model(model, ppl_file, seq_len, max_windows, tasks, limit, data_root))
     results["dense"] = json.loads(dense_eval.read_text())
-    for e, k in grid:
+    for e, k, n_shared in grid:
         for method in methods:
-            cell = Cell(method, e, k)
+            cell = Cell(method, e, k, n_shared)
             cdir = out / "cells" / cell.key
             eval_path = cdir / "eval.json"
             if not eval_path.is_file():
                 log(f"cell {cell.key}: converting")
-                cfg = replace(base, method=method, n_experts=e, top_k=k)
+                cfg = replace(base, method=method, n_experts=e, top_k=k, n_shared=n_shared)
                 res = run_convert(model, cdir / "model", cfg, calib, overwrite=True, log=log)
                 _write_json(cdir / "record.json", res.record)
                 log(f"cell {cell.key}: evaluating")
@@ -115,24 +119,69 @@ def run_compare(
                     import shutil
 
                     shutil.rmtree(cdir / "model", ignore_errors=True)
-            rec = json.loads((cdir / "record.json").read_text())
-            results["cells"][cell.key] = {
-                "method": method, "n_experts": e, "top_k": k, "active_fraction": rec["active_fraction"],
-                "eval": json.loads(eval_path.read_text()),
-                "layer_errors": [r["error_final"] for r in rec["layer_reports"]],
-                "layer_errors_routed": [r["error_routed"] for r in rec["layer_reports"]],
-                "expert_load": [r["expert_load"] for r in rec["layer_reports"]],
-                "summary": rec["summary"],
-            }
+            results["cells"][cell.key] = _cell_entry(cdir)
+    return write_report(out, results)
+
+
+def _cell_entry(cdir: Path) -> dict[str, Any]:
+    rec = json.loads((cdir / "record.json").read_text())
+    return {
+        "method": rec["method"], "n_experts": rec["n_experts"], "top_k": rec["top_k"], "n_shared": rec.get("n_shared", 0),
+        "shared_by": rec.get("config", {}).get("shared_by", "rate"), "active_fraction": rec["active_fraction"],
+        "eval": json.loads((cdir / "eval.json").read_text()),
+        "layer_errors": [r["error_final"] for r in rec["layer_reports"]],
+        "layer_errors_routed": [r["error_routed"] for r in rec["layer_reports"]],
+        "expert_load": [r["expert_load"] for r in rec["layer_reports"]],
+        "summary": rec["summary"],
+        "convert_seconds": rec.get("wall_seconds"),
+    }
+
+
+def write_report(out: Path, results: dict[str, Any]) -> dict[str, Any]:
     _write_json(out / "results.json", results)
     (out / "report.md").write_text(markdown_report(results))
     plot_report(results, out)
     return results
 
 
+def report_only(out: Path, command: str = "", meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Rebuild the report from every finished cell under ``out/cells`` (cells copied in from
+    other runs included) without converting or evaluating anything.  ``meta`` (model,
+    calibration, ppl_file, max_windows, tasks, limit) fills what no earlier results.json says."""
+    from .errors import ConfigError
+
+    prev = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+    dense = out / "cells" / "dense" / "eval.json"
+    if not dense.is_file():
+        raise ConfigError(f"{out} has no evaluated dense cell (cells/dense/eval.json); run moefy compare first")
+    results: dict[str, Any] = {k: v for k, v in prev.items() if k not in ("cells", "dense")}
+    for k, v in (meta or {}).items():
+        if v is not None and v != [] and not results.get(k):
+            results[k] = v
+    results["dense"] = json.loads(dense.read_text())
+    cells = {}
+    records = []
+    for cdir in sorted((out / "cells").iterdir()):
+        if cdir.name != "dense" and (cdir / "eval.json").is_file() and (cdir / "record.json").is_file():
+            cells[cdir.name] = _cell_entry(cdir)
+            records.append(json.loads((cdir / "record.json").read_text()))
+    if records:  # what the cells themselves say
+        results.setdefault("model", records[0].get("source", "?"))
+        results.setdefault("calibration", [records[0]["calibration"]["source"]])
+        results.setdefault("calib_tokens", records[0]["calibration"]["tokens"])
+    results.setdefault("model", "?")
+    results.setdefault("calibration", [])
+    results.setdefault("calib_tokens", "?")
+    results.setdefault("ppl_file", None)
+    results.setdefault("tasks", list(results["dense"].get("tasks", {})))
+    results["command"] = command or results.get("command", "")
+    results["cells"] = dict(sorted(cells.items(), key=lambda kv: (kv[1]["active_fraction"], kv[1]["n_shared"], kv[0])))
+    return write_report(out, results)
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     tasks = results.get("tasks") or []
-    head = ["model", "active FFN", "PPL", "mean layer err"] + [f"{t} acc/acc_norm" for t in tasks]
+    head = ["model", "active FFN", "PPL", "mean layer err", "convert s"] + [f"{t} acc/acc_norm" for t in tasks]
     lines = [f"# moefy compare: {results['model']}", "",
              f"Calibration: {', '.join(results['calibration']) or 'data-free'} ({results['calib_tokens']} tokens budget); "
              f"PPL on `{results['ppl_file']}`" + (f" (first {results['max_windows']} windows)" if results.get("max_windows") else "")
@@ -140,8 +189,8 @@ def markdown_report(results: dict[str, Any]) -> str:
              f"Command: `{results.get('command', '')}`", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def row(name: str, active: str, ev: dict[str, Any], err: str) -> str:
-        cells = [name, active, f"{ev['ppl']:.2f}" if "ppl" in ev else "-", err]
+    def row(name: str, active: str, ev: dict[str, Any], err: str, secs: float | None = None) -> str:
+        cells = [name, active, f"{ev['ppl']:.2f}" if "ppl" in ev else "-", err, f"{secs:.0f}" if secs else "-"]
         for t in tasks:
             r = ev.get("tasks", {}).get(t)
             cells.append(f"{r['acc']:.3f} / {r['acc_norm']:.3f} (n={r['n']})" if r else "-")
@@ -149,7 +198,8 @@ def markdown_report(results: dict[str, Any]) -> str:
 
     lines.append(row("dense", "1.000", results["dense"], "-"))
     for key, c in results["cells"].items():
-        lines.append(row(key, f"{c['active_fraction']:.3f}", c["eval"], f"{c['summary']['mean_error_final']:.3f}"))
+        lines.append(row(key, f"{c['active_fraction']:.3f}", c["eval"], f"{c['summary']['mean_error_final']:.3f}",
+                         c.get("convert_seconds")))
     return "\n".join(lines) + "\n"
 
 
@@ -160,10 +210,13 @@ def plot_report(results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = results["cells"]
-    methods = sorted({c["method"] for c in cells.values()})
+    def series(c: dict[str, Any]) -> str:
+        return c["method"] + (f" +{c['n_shared']} shared" if c.get("n_shared") else "")
+
+    methods = sorted({series(c) for c in cells.values()})
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
-        pts = sorted((c["active_fraction"], c["eval"].get("ppl", float("nan"))) for c in cells.values() if c["method"] == m)
+        pts = sorted((c["active_fraction"], c["eval"].get("ppl", float("nan"))) for c in cells.values() if series(c) == m)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
     if "ppl" in results["dense"]:
         ax.axhline(results["dense"]["ppl"], color="k", ls="--", label="dense")

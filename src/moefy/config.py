@@ -21,6 +21,7 @@ class ConvertConfig:
     top_k: int = 2
     method: str = "dot"
     n_shared: int = 0
+    shared_by: str = "rate"  # shared neurons: "rate" (CMoE: most often active) | "importance" (as --method prune)
     stage: str = "layerwise"
     seed: int = 0
     # calibration
@@ -40,8 +41,13 @@ class ConvertConfig:
     z_loss_weight: float = 1e-3
     balance_weight: float = 1e-2
     eval_every: int = 10
+    ls_router_eval: bool = True  # DOT-MoE: score each assignment with a refitted least-squares router too
     weights: str = "ridge"
     weight_steps: int = 150
+    # layer loss: "clip" caps each token's share of ||y||^2 at token_clip x the median token
+    # (outlier "massive activation" tokens otherwise own 80-99% of the loss in some layers)
+    token_weighting: str = "none"
+    token_clip: float = 16.0
     lr_weights: float = 1e-4
     # end-to-end training
     e2e_steps: int = 100
@@ -74,6 +80,10 @@ class ConvertConfig:
             raise ConfigError(f"unknown --stage {self.stage!r}; choose one of {', '.join(STAGES)}")
         if self.weights not in WEIGHT_MODES:
             raise ConfigError(f"unknown --weights {self.weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
+        if self.shared_by not in ("rate", "importance"):
+            raise ConfigError(f"unknown --shared-by {self.shared_by!r}; choose rate or importance")
+        if self.token_weighting not in ("clip", "none"):
+            raise ConfigError(f"unknown token weighting {self.token_weighting!r}; choose clip or none")
         if self.init not in INITS:
             raise ConfigError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.rounding not in ("greedy", "exact"):

@@ -122,7 +122,10 @@ def initial_split(
         keep = int(round(active_fraction * d_ffn))
         imp = pruning_importance(h, ffn)
         return Split(torch.sort(imp.topk(keep).indices).values, [])
-    shared = choose_shared(h, cfg.n_shared, active_fraction)
+    if cfg.shared_by == "importance" and cfg.n_shared > 0:
+        shared = torch.sort(pruning_importance(h, ffn).topk(cfg.n_shared).indices).values
+    else:
+        shared = choose_shared(h, cfg.n_shared, active_fraction)
     kind = init if method in ("dot", "dot-frozen") else method
     if kind == "random":
         return random_split(d_ffn, cfg.n_experts, seed, shared)
@@ -194,38 +197,48 @@ def layerwise_stage(
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
     chosen = layers_to_convert(cfg, len(layers))
+    restored = restored or {}
+    for i in chosen:
+        if i in restored:
+            layers[i].mlp = restored[i]
+    todo = [i for i in chosen if i not in restored]
+    if not todo:  # a resumed run with every layer already fitted: no calibration forward needed
+        if progress is not None:
+            progress("layer-wise", len(layers), len(layers))
+        return []
     batches = list(calib.split(batch))
     xs, layer_kwargs = capture_inputs(model, adapter, batches)
     reports: list[LayerReport] = []
     for i, layer in enumerate(layers):
-        if i in chosen:
-            if restored is not None and i in restored:
-                layer.mlp = restored[i]
-            else:
-                mlp = layer.mlp
-                x_in, y_out = collect_ffn_io(layer, mlp, xs, layer_kwargs[i])
-                x_tr, y_tr, x_val, y_val = _split_train_val(x_in, y_out, cfg.val_fraction)
-                ffn = adapter.ffn_weights(mlp)
-                with torch.no_grad():
-                    h_sample = activation_sample(
-                        getattr(mlp, adapter.act_attr)(nn.functional.linear(x_tr, ffn.gate, ffn.gate_bias))
-                        * nn.functional.linear(x_tr, ffn.up, ffn.up_bias),
-                        seed=cfg.seed + i,
-                    )
-                split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
-                del h_sample
-                dot = make_layer(mlp, adapter, model.config, split, cfg)
-                dot.k_budget = mean_budget(cfg, len(chosen))
-                report = fit_layer(dot, x_tr, y_tr, x_val, y_val, cfg, i)
-                dot.eval()
-                layer.mlp = dot
-                reports.append(report)
-                if on_layer_done is not None:
-                    on_layer_done(i, report)
+        if i in todo:
+            mlp = layer.mlp
+            x_in, y_out = collect_ffn_io(layer, mlp, xs, layer_kwargs[i])
+            x_tr, y_tr, x_val, y_val = _split_train_val(x_in, y_out, cfg.val_fraction)
+            ffn = adapter.ffn_weights(mlp)
+            with torch.no_grad():
+                h_sample = activation_sample(
+                    getattr(mlp, adapter.act_attr)(nn.functional.linear(x_tr, ffn.gate, ffn.gate_bias))
+                    * nn.functional.linear(x_tr, ffn.up, ffn.up_bias),
+                    seed=cfg.seed + i,
+                )
+            split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
+            del h_sample
+            dot = make_layer(mlp, adapter, model.config, split, cfg)
+            dot.k_budget = mean_budget(cfg, len(chosen))
+            report = fit_layer(dot, x_tr, y_tr, x_val, y_val, cfg, i)
+            dot.eval()
+            layer.mlp = dot
+            reports.append(report)
+            if on_layer_done is not None:
+                on_layer_done(i, report)
+        if i == todo[-1]:  # nothing above needs the calibration activations
+            break
         with torch.no_grad():
             xs = [_first_tensor(layer(x, **layer_kwargs[i])) for x in xs]
         if progress is not None:
             progress("layer-wise", i + 1, len(layers))
+    if progress is not None:
+        progress("layer-wise", len(layers), len(layers))
     return reports
 
 

@@ -27,6 +27,11 @@ def load_eval_ids(tokenizer: Any, path: str | Path) -> torch.Tensor:
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 
 
+def _moe_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The routed MoE FFNs of a moefy model, in layer order (none for a dense model)."""
+    return [m for m in model.modules() if type(m).__name__ == "MoefyMLP" and getattr(m, "n_experts", 0) > 0]
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -35,7 +40,7 @@ def perplexity(
     max_windows: int | None = None,
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     n_windows = ids.numel() // seq_len
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -44,6 +49,9 @@ def perplexity(
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
     nll = 0.0
     count = 0
+    moe = _moe_mlps(model)
+    for m in moe:  # measure the experts each token actually runs (LapSum: variable per token)
+        m.count_active, m.active_pairs, m.tokens_seen = True, 0, 0
     t0 = time.time()
     for s in range(0, n_windows, batch_size):
         batch = windows[s : s + batch_size]
@@ -55,7 +63,7 @@ def perplexity(
         count += batch[:, 1:].numel()
         if progress is not None:
             progress(min(s + batch_size, n_windows), n_windows)
-    return {
+    out: dict[str, Any] = {
         "ppl": math.exp(nll / count),
         "nll": nll / count,
         "tokens": count,
@@ -63,3 +71,10 @@ def perplexity(
         "seq_len": seq_len,
         "seconds": time.time() - t0,
     }
+    if moe:
+        per_layer = [m.active_pairs / max(m.tokens_seen, 1) for m in moe]
+        out["active_experts_per_layer"] = [round(v, 4) for v in per_layer]
+        out["mean_active_experts"] = sum(per_layer) / len(per_layer)
+        for m in moe:
+            m.count_active = False
+    return out

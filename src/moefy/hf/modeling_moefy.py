@@ -95,6 +95,10 @@ class MoefyMLP(nn.Module):
         self.offsets = offsets
         self.transpose_down: bool | None = None
         self._down_layout_key: tuple[Any, ...] | None = None
+        # measured routing: set ``count_active = True`` to count (token, expert) pairs run
+        self.count_active = False
+        self.active_pairs = 0
+        self.tokens_seen = 0
 
     # ----------------------------------------------------------------- routing
     def _topk_route(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -179,6 +183,9 @@ class MoefyMLP(nn.Module):
         else:
             idx, vals = self._topk_route(logits, x.dtype)
             chosen = idx[0].tolist()
+        if self.count_active:
+            self.active_pairs += len(chosen)
+            self.tokens_seen += 1
         gw, uw, act, offsets = self.gate_proj.weight, self.up_proj.weight, self.act_fn, self.offsets
         gb, ub = self.gate_proj.bias, self.up_proj.bias
         out = self._shared_out(x, down_t) if self.n_shared else None
@@ -214,6 +221,9 @@ class MoefyMLP(nn.Module):
             tok = torch.div(order, k, rounding_mode="floor")
             ws = vals.reshape(-1).index_select(0, order) if vals is not None else None
         counts = torch.bincount(expert, minlength=self.n_experts).tolist()
+        if self.count_active:
+            self.active_pairs += int(expert.numel())
+            self.tokens_seen += int(x.shape[0])
         out = self._shared_out(x, down_t)
         gw, uw, act, offsets = self.gate_proj.weight, self.up_proj.weight, self.act_fn, self.offsets
         gb, ub = self.gate_proj.bias, self.up_proj.bias
