@@ -54,7 +54,7 @@ from moefy.hf.modeling_moefy import MoefyMLP  # noqa: E402
 SHAPES = {"llama2-7b": (4096, 11008), "llama3-8b": (4096, 14336)}
 QUICK_SHAPES = {"tiny": (256, 704)}
 CONFIGS = [(8, 2), (8, 4), (16, 4), (32, 8), (64, 16)]
-QUICK_CONFIGS = [(8, 2), (16, 4)]
+QUICK_CONFIGS = [(8, 2), (16, 4), (10, 2, 64)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -97,12 +97,12 @@ class DenseFFN(nn.Module):
         return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
 
 
-def moe_sharing(dense: DenseFFN, n_experts: int, top_k: int, gating: str, seed: int) -> MoefyMLP:
+def moe_sharing(dense: DenseFFN, n_experts: int, top_k: int, gating: str, seed: int, n_shared: int = 0) -> MoefyMLP:
     """A MoefyMLP over the dense weights (no copy of gate/up; the first call lays out its own
-    transposed down_proj) with a random router."""
+    transposed down_proj) with a random router; the first ``n_shared`` neurons are always active."""
     d_ffn, hidden = dense.gate.shape
     with torch.device("meta"):
-        mlp = MoefyMLP(hidden, expert_sizes(d_ffn, n_experts), top_k=top_k, gating=gating)
+        mlp = MoefyMLP(hidden, expert_sizes(d_ffn - n_shared, n_experts), top_k=top_k, gating=gating, n_shared=n_shared)
     g = torch.Generator().manual_seed(seed)
     router = (torch.randn(n_experts, hidden, generator=g) / hidden**0.5).to(dense.gate.dtype).to(DEVICE)
     mlp.gate_proj.weight = nn.Parameter(dense.gate, requires_grad=False)
@@ -113,7 +113,7 @@ def moe_sharing(dense: DenseFFN, n_experts: int, top_k: int, gating: str, seed: 
 
 
 def ffn_rows(
-    shape_name: str, hidden: int, d_ffn: int, dtype_name: str, configs: list[tuple[int, int]],
+    shape_name: str, hidden: int, d_ffn: int, dtype_name: str, configs: list[tuple[int, ...]],
     prefill: int, repeats: int, warmup: int, gating: str, both_layouts: bool, seed: int,
 ) -> list[dict[str, Any]]:
     dtype = DTYPES[dtype_name]
@@ -135,13 +135,15 @@ def ffn_rows(
         dense_dec = median_ms(lambda i: dense(xs[i % n_inputs]), repeats, warmup)
         dense_pre = median_ms(lambda i: dense(xp), max(1, repeats // 2), 1) if prefill else float("nan")
         dense_bytes = 3 * hidden * d_ffn * esize
-        for n_experts, top_k in configs:
-            sizes = expert_sizes(d_ffn, n_experts)
-            active = top_k * max(sizes)
+        for cfg in configs:
+            n_experts, top_k = cfg[0], cfg[1]
+            n_shared = cfg[2] if len(cfg) > 2 else 0
+            sizes = expert_sizes(d_ffn - n_shared, n_experts)
+            active = n_shared + top_k * max(sizes)
             moe_bytes = (3 * active * hidden + n_experts * hidden) * esize
             decode = {}
             for layout, flag in (("transposed", True), ("linear", False)):
-                moe = moe_sharing(dense, n_experts, top_k, gating, seed + n_experts)
+                moe = moe_sharing(dense, n_experts, top_k, gating, seed + n_experts, n_shared)
                 moe.transpose_down = flag
                 moe(xs[0])  # lays out down_proj once (not timed)
                 decode[layout] = median_ms(lambda i: moe(xs[i % n_inputs]), repeats, warmup) if both_layouts or flag == auto_t else float("nan")
@@ -154,8 +156,8 @@ def ffn_rows(
             flop_limit = (3 * d_ffn) / (3 * active + n_experts)
             row = {
                 "shape": shape_name, "hidden": hidden, "d_ffn": d_ffn, "dtype": dtype_name,
-                "experts": n_experts, "top_k": top_k, "expert_size": max(sizes),
-                "active_fraction": top_k * max(sizes) / d_ffn,
+                "experts": n_experts, "top_k": top_k, "shared": n_shared, "expert_size": max(sizes),
+                "active_fraction": active / d_ffn,
                 "down_layout": "transposed" if auto_t else "linear",
                 "dense_decode_ms": dense_dec, "moe_decode_ms": moe_dec, "decode_speedup": dense_dec / moe_dec,
                 "bytes_per_token_dense": dense_bytes, "bytes_per_token_moe": moe_bytes,
@@ -240,7 +242,7 @@ def ffn_table(rows: list[dict[str, Any]], title: str) -> None:
     ]
     cells = [
         [
-            r["shape"], r["dtype"], f"{r['experts']}:{r['top_k']}", f"{100 * r['active_fraction']:.0f}%",
+            r["shape"], r["dtype"], f"{r['experts']}:{r['top_k']}" + (f":{r['shared']}" if r.get("shared") else ""), f"{100 * r['active_fraction']:.0f}%",
             f"{r['dense_decode_ms']:.3f}", f"{r['moe_decode_ms']:.3f}", f"{r['decode_speedup']:.2f}",
             f"{r['decode_limit']:.2f}", f"{100 * r['decode_fraction_of_limit']:.0f}%",
             f"{r['decode_speedup_down_transposed']:.2f}", f"{r['decode_speedup_down_linear']:.2f}",
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration (seconds)")
     ap.add_argument("--shapes", nargs="+", default=None, help="NAME=HIDDENxDFFN or a known name (llama2-7b, llama3-8b)")
-    ap.add_argument("--configs", nargs="+", default=None, help="E:k pairs (default 8:2 8:4 16:4 32:8 64:16)")
+    ap.add_argument("--configs", nargs="+", default=None, help="E:k or E:k:shared (default 8:2 8:4 16:4 32:8 64:16)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     ap.add_argument("--prefill", type=int, default=512, help="prefill tokens (0: skip prefill)")
     ap.add_argument("--repeats", type=int, default=20)

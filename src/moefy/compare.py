@@ -211,13 +211,22 @@ def plot_report(results: dict[str, Any], out: Path) -> None:
 
     cells = results["cells"]
     def series(c: dict[str, Any]) -> str:
-        return c["method"] + (f" +{c['n_shared']} shared" if c.get("n_shared") else "")
+        """One line per method and layout family: balanced experts, or shared neurons + experts."""
+        return c["method"] + (f" + shared ({c.get('shared_by', 'rate')})" if c.get("n_shared") else "")
+
+    def layout(c: dict[str, Any]) -> str:
+        return f"{c['n_experts']}:{c['top_k']}" + (f":{c['n_shared']}" if c.get("n_shared") else "")
 
     methods = sorted({series(c) for c in cells.values()})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
-        pts = sorted((c["active_fraction"], c["eval"].get("ppl", float("nan"))) for c in cells.values() if series(c) == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        members = sorted((c for c in cells.values() if series(c) == m), key=lambda c: c["active_fraction"])
+        xs = [c["active_fraction"] for c in members]
+        ys = [c["eval"].get("ppl", float("nan")) for c in members]
+        (line,) = ax.plot(xs, ys, marker="o", label=m)
+        if m.endswith(")"):  # shared layouts differ in E:k:shared: name each point
+            for c, x, y in zip(members, xs, ys):
+                ax.annotate(layout(c), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=6, color=line.get_color())
     if "ppl" in results["dense"]:
         ax.axhline(results["dense"]["ppl"], color="k", ls="--", label="dense")
     ax.set_xlabel("active FFN fraction")
