@@ -9,9 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from conftest import STORIES, TINYSTORIES, needs_shared
+from moefy.config import ConvertConfig
+from moefy.runner import run_convert
 
 pytestmark = needs_shared()
 
@@ -76,6 +79,28 @@ def test_e2e_interrupt_then_resume_is_identical(tmp_path):
     res = run_convert(str(STORIES), out, cfg(), [str(TINYSTORIES)], log=logs.append)
     assert any("end-to-end stage at step 4" in m for m in logs)
     assert res.record["e2e_kl"] == ref.record["e2e_kl"]
+    assert res.record["e2e_val_kl"] == ref.record["e2e_val_kl"] and res.record["e2e_best_step"] == ref.record["e2e_best_step"]
     a, b = load_file(str(ref.out / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for k in a:
         assert (a[k] == b[k]).all(), k
+
+
+@needs_shared()
+def test_e2e_keeps_the_best_held_out_state(tmp_path):
+    """With learning rates that wreck the routers, the end-to-end stage must hand back the
+    layer-wise result (step 0) unchanged; the record shows the held-out KL it measured."""
+    base = dict(n_experts=4, top_k=2, calib_tokens=1024, seq_len=64, steps=3, seed=1)
+    quiet = lambda *_: None  # noqa: E731
+    lw = run_convert(str(STORIES), tmp_path / "lw", ConvertConfig(**base, stage="layerwise"), [str(TINYSTORIES)], log=quiet)
+    bad = ConvertConfig(**base, stage="both", e2e_steps=4, e2e_batch=2, e2e_eval_every=2, e2e_val_sequences=2,
+                        e2e_lr_router=10.0, e2e_lr_affinity=10.0)
+    res = run_convert(str(STORIES), tmp_path / "both", bad, [str(TINYSTORIES)], log=quiet)
+    hist = res.record["e2e_val_kl"]
+    assert [h["step"] for h in hist] == [0, 2, 4]
+    kept = next(h["kl"] for h in hist if h["step"] == res.record["e2e_best_step"])
+    assert kept == min(h["kl"] for h in hist)
+    assert res.record["e2e_best_step"] == 0, hist  # the wrecked states are all worse
+    a, b = load_file(str(lw.out / "model.safetensors")), load_file(str(res.out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

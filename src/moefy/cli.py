@@ -65,6 +65,7 @@ def convert(
     weights: Annotated[str, typer.Option(help="Expert weight adaptation: none | ridge | grad | grad+ridge")] = "ridge",
     steps: Annotated[int, typer.Option(help="Layer-wise assignment training steps per layer.")] = 40,
     e2e_steps: Annotated[int, typer.Option(help="End-to-end training steps.")] = 100,
+    e2e_val_sequences: Annotated[int, typer.Option(help="End-to-end: calibration sequences held out to keep the best state (0: keep the last).")] = 4,
     init: Annotated[str, typer.Option(help="DOT-MoE initial split: act-cluster | param-cluster | random")] = "act-cluster",
     rounding: Annotated[str, typer.Option(help="greedy (paper) | exact (transport LP)")] = "greedy",
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated decoder layers to convert (default all).")] = None,
@@ -90,6 +91,7 @@ def convert(
     cfg = ConvertConfig(
         n_experts=experts, top_k=top_k, method=method, n_shared=shared, shared_by=shared_by, stage=stage, seed=seed,
         calib_tokens=calib_tokens, seq_len=seq_len, weights=weights, steps=steps, e2e_steps=e2e_steps,
+        e2e_val_sequences=e2e_val_sequences,
         init=init, rounding=rounding, layers=layer_list, router=router, gating=gating, budget=budget,
         budget_mode=budget_mode, max_active=max_active, token_weighting=token_weighting,
     )

@@ -56,6 +56,10 @@ class ConvertConfig:
     e2e_lr_router: float = 1e-3
     e2e_lr_weights: float = 0.0
     e2e_checkpoint_every: int = 25
+    # end-to-end keep-best: KL on this many held-out calibration sequences every e2e_eval_every
+    # steps; the best state (the layer-wise result included) is kept. 0 disables it.
+    e2e_val_sequences: int = 4
+    e2e_eval_every: int = 10
     kl_weight: float = 1.0
     ce_weight: float = 0.1
     layers: list[int] | None = field(default=None)
@@ -96,6 +100,8 @@ class ConvertConfig:
             raise ConfigError(f"unknown --budget-mode {self.budget_mode!r}; choose learned or fixed")
         if self.max_active is not None and not 1 <= self.max_active <= self.n_experts:
             raise ConfigError(f"--max-active must be within 1..{self.n_experts}")
+        if self.e2e_val_sequences < 0 or self.e2e_eval_every < 1:
+            raise ConfigError("e2e_val_sequences must be >= 0 and e2e_eval_every >= 1")
         if self.n_shared < 0:
             raise ConfigError(f"--shared must be >= 0, got {self.n_shared}")
         if self.seq_len < 8:

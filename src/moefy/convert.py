@@ -43,15 +43,6 @@ class _Stop(Exception):
     pass
 
 
-@dataclass
-class ConversionState:
-    """What the pipeline has produced so far (also what a resume restores)."""
-
-    reports: list[LayerReport] = field(default_factory=list)
-    e2e_losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-
 def _first_tensor(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -246,6 +237,16 @@ def dot_layers(model: nn.Module) -> list[DotMoeLayer]:
     return [m for m in model.modules() if isinstance(m, DotMoeLayer)]
 
 
+@dataclass
+class E2EResult:
+    """What the end-to-end stage did: training KL per step, held-out KL at each evaluation
+    (``(step, kl)``; step 0 is the layer-wise result) and the step whose state was kept."""
+
+    losses: list[float]
+    val_kl: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+
+
 def e2e_stage(
     model: nn.Module,
     calib: torch.Tensor,
@@ -255,9 +256,13 @@ def e2e_stage(
     checkpoint: Callable[[int, dict[str, torch.Tensor], dict[str, Any], list[float]], None] | None = None,
     checkpoint_every: int = 25,
     resume: tuple[int, dict[str, torch.Tensor], dict[str, Any], list[float]] | None = None,
-) -> list[float]:
+) -> E2EResult:
     """Joint training of all assignments and routers (and weights if ``e2e_lr_weights > 0``)
     on KL(dense || MoE) + LM cross-entropy + z-loss + load balance.
+
+    The last ``e2e_val_sequences`` calibration sequences are held out. Every ``e2e_eval_every``
+    steps the KL on them is measured (with the hard routing the exported model uses), and the
+    best state is kept, the layer-wise result included: the stage never makes held-out KL worse.
 
     Every ``checkpoint_every`` steps ``checkpoint(step, layer_states, optimizer_state, losses)``
     is called; ``resume`` (the same tuple) continues from such a checkpoint, replaying the batch
@@ -291,6 +296,15 @@ def e2e_stage(
     if learn_budget:
         groups.append({"params": [eta], "lr": cfg.lr_budget})
     opt = torch.optim.Adam(groups)
+    n_val = min(cfg.e2e_val_sequences, calib.shape[0] // 2)
+    val_ids = calib[calib.shape[0] - n_val:]
+    calib = calib[: calib.shape[0] - n_val]
+    # what training changes: trainable tensors, LapSum thresholds and the budget logits
+    tracked = {f"{i}.{n}": p for i, d in dots.items() for n, p in d.named_parameters() if any(p is q for g in groups for q in g["params"])}
+    tracked.update({f"{i}.threshold": d.threshold for i, d in dots.items()})
+    tracked["budget.eta"] = eta
+    best: dict[str, torch.Tensor] = {}
+    history: list[tuple[int, float]] = []
     start_step, losses = 0, []
     if resume is not None:
         start_step, states, opt_state, losses = resume[0], resume[1], resume[2], list(resume[3])
@@ -299,6 +313,9 @@ def e2e_stage(
         if "budget.eta" in states:
             with torch.no_grad():
                 eta.copy_(states["budget.eta"])
+        best = {k[5:]: v for k, v in states.items() if k.startswith("best.") and k != "best.history"}
+        if "best.history" in states:
+            history = [(int(s), float(v)) for s, v in states["best.history"].tolist()]
         opt.load_state_dict(opt_state)
     gen = torch.Generator().manual_seed(cfg.seed + 7919)
     for _ in range(start_step):  # replay the sampler so a resumed run sees the same batches
@@ -331,6 +348,40 @@ def e2e_stage(
         for i in order:
             dots[i].calibrate_threshold(xs[i])
 
+    def val_kl() -> float:
+        """Mean per-token KL(dense || MoE) on the held-out sequences, hard routing, no grad."""
+        recalibrate()
+        for d in dots.values():
+            d.eval()
+        total = 0.0
+        with torch.no_grad():
+            for j in range(0, n_val, cfg.e2e_batch):
+                ids = val_ids[j : j + cfg.e2e_batch]
+                for i in dots:
+                    layers[i].mlp = teacher_mlps[i]
+                t_logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                for i, d in dots.items():
+                    layers[i].mlp = d
+                logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+                total += float((t_logp.exp() * (t_logp - logp)).sum(-1).sum())
+        for d in dots.values():
+            d.train()
+        return total / max(1, val_ids.numel())
+
+    def evaluate(step: int) -> None:
+        """Score the current state on held-out text; keep it if it is the best so far."""
+        if not n_val:
+            return
+        score = val_kl()
+        if not math.isfinite(score):
+            raise NonFiniteLossError(f"non-finite held-out KL in the end-to-end stage at step {step}; lower the learning rates")
+        if not history or score < min(v for _, v in history):
+            best.clear()
+            best.update({k: v.detach().clone() for k, v in tracked.items()})
+        history.append((step, score))
+
+    if n_val and start_step == 0:
+        evaluate(0)  # the layer-wise result is the state to beat
     for step in range(start_step, cfg.e2e_steps):
         if lapsum and step % 10 == 0:
             recalibrate()
@@ -358,20 +409,33 @@ def e2e_stage(
         loss.backward()
         opt.step()
         losses.append(float(kl.detach()))
+        if (step + 1) % cfg.e2e_eval_every == 0 or step + 1 == cfg.e2e_steps:
+            evaluate(step + 1)
         if checkpoint is not None and ((step + 1) % checkpoint_every == 0) and step + 1 < cfg.e2e_steps:
             states = {f"{i}.{k}": v for i, d in dots.items() for k, v in d.state_dict().items()}
             states["budget.eta"] = eta.detach().clone()
+            states.update({f"best.{k}": v for k, v in best.items()})
+            if history:
+                states["best.history"] = torch.tensor(history, dtype=torch.float64)
             checkpoint(step + 1, states, opt.state_dict(), losses)
         if progress is not None:
             progress("end-to-end", step + 1, cfg.e2e_steps)
+    best_step = None
+    if best:
+        best_step = min(history, key=lambda sv: sv[1])[0]
+        with torch.no_grad():
+            for k, v in best.items():
+                tracked[k].copy_(v)
+    set_budgets(detach=True)
     for d in dots.values():
         d.freeze_assignment()
         for w in (d.gate, d.up, d.down):
             w.requires_grad_(False)
         d.log_alpha.requires_grad_(False)
         d.eval()
-    recalibrate()
-    return losses
+    if best_step is None:
+        recalibrate()  # the kept state's thresholds were calibrated when it was scored
+    return E2EResult(losses, history, best_step)
 
 
 def active_fraction(cfg: ConvertConfig, d_ffn: int) -> float:

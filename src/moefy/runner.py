@@ -25,7 +25,7 @@ from . import __version__
 from .adapters import get_adapter
 from .calibration import CalibrationSet, check_paths, from_files, sample_from_model
 from .config import ConvertConfig
-from .convert import active_fraction, e2e_stage, layerwise_stage, make_layer, summary
+from .convert import E2EResult, active_fraction, e2e_stage, layerwise_stage, make_layer, summary
 from .dotmoe import DotMoeLayer
 from .errors import ConfigError, OutputExistsError
 from .export import save_checkpoint, to_moefy_model
@@ -203,19 +203,22 @@ def run_convert(
     # e2e alone still starts from calibrated initial splits and least-squares routers
     lw_cfg = cfg if cfg.stage != "e2e" else replace(cfg, steps=0, weights="none")
     layerwise_stage(model, calib.ids, lw_cfg, batch=8, progress=progress, on_layer_done=done, restored=restored)
-    e2e_losses: list[float] = []
+    e2e = E2EResult([])
     if cfg.stage in ("e2e", "both"):
         resume = work.load_e2e() if resuming else None
         if resume is not None:
             log(f"resuming the end-to-end stage at step {resume[0]}")
-        e2e_losses = e2e_stage(
+        e2e = e2e_stage(
             model, calib.ids, cfg, teacher, progress=progress, checkpoint=work.save_e2e,
             checkpoint_every=cfg.e2e_checkpoint_every, resume=resume,
         )
+        if e2e.val_kl:
+            start, end = e2e.val_kl[0][1], min(v for _, v in e2e.val_kl)
+            log(f"end-to-end: held-out KL {start:.4f} after the layer-wise stage, kept step {e2e.best_step} ({end:.4f})")
 
     moe = to_moefy_model(model)
     ordered = [reports[i] for i in sorted(reports)]
-    record = build_record(model_spec, loaded.source, cfg, calib, moe, ordered, e2e_losses, time.time() - t0, d_ffn)
+    record = build_record(model_spec, loaded.source, cfg, calib, moe, ordered, e2e, time.time() - t0, d_ffn)
     save_checkpoint(moe, tok, out, record, overwrite=overwrite)
     shutil.rmtree(work.path, ignore_errors=True)
     return ConvertResult(out, record)
@@ -228,7 +231,7 @@ def build_record(
     calib: CalibrationSet,
     moe: Any,
     reports: list[LayerReport],
-    e2e_losses: list[float],
+    e2e: E2EResult,
     seconds: float,
     d_ffn: int,
 ) -> dict[str, Any]:
@@ -267,7 +270,9 @@ def build_record(
         "config": cfg.to_dict(),
         "layers": layers,
         "layer_reports": [r.to_dict() for r in reports],
-        "e2e_kl": e2e_losses,
+        "e2e_kl": e2e.losses,
+        "e2e_val_kl": [{"step": st, "kl": v} for st, v in e2e.val_kl],
+        "e2e_best_step": e2e.best_step,
         "summary": summ,
         "wall_seconds": seconds,
     }
