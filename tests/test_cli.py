@@ -78,7 +78,8 @@ def test_checkpoint_loads_after_import_and_matches_in_process(converted):
         for layer in model.model.model.layers:  # the training-time definition of the same model
             layer.mlp.forward = layer.mlp.forward_reference
         ref = model(input_ids=ids).logits
-    assert torch.allclose(fast, ref, atol=1e-5)
+    # fp32 rounding only (different matmul shapes, order and thread count): logits are ~10
+    assert torch.allclose(fast, ref, atol=1e-4)
     out = model.generate(ids[:1, :5], max_new_tokens=8, do_sample=False)
     assert out.shape == (1, 13)
 
