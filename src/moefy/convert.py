@@ -300,7 +300,8 @@ def e2e_stage(
     val_ids = calib[calib.shape[0] - n_val:]
     calib = calib[: calib.shape[0] - n_val]
     # what training changes: trainable tensors, LapSum thresholds and the budget logits
-    tracked = {f"{i}.{n}": p for i, d in dots.items() for n, p in d.named_parameters() if any(p is q for g in groups for q in g["params"])}
+    trainable = {id(q) for g in groups for q in g["params"]}
+    tracked = {f"{i}.{n}": p for i, d in dots.items() for n, p in d.named_parameters() if id(p) in trainable}
     tracked.update({f"{i}.threshold": d.threshold for i, d in dots.items()})
     tracked["budget.eta"] = eta
     best: dict[str, torch.Tensor] = {}
@@ -321,7 +322,7 @@ def e2e_stage(
     for _ in range(start_step):  # replay the sampler so a resumed run sees the same batches
         torch.randint(0, calib.shape[0], (min(cfg.e2e_batch, calib.shape[0]),), generator=gen)
     for p in model.parameters():
-        if not any(p is q for g in groups for q in g["params"]):
+        if id(p) not in trainable:
             p.requires_grad_(False)
     from .lapsum import layer_budgets
 
@@ -348,6 +349,17 @@ def e2e_stage(
         for i in order:
             dots[i].calibrate_threshold(xs[i])
 
+    @torch.no_grad()
+    def teacher_logp(ids: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the dense model: its FFNs swapped in for one forward."""
+        for i in dots:
+            layers[i].mlp = teacher_mlps[i]
+        try:
+            return torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+        finally:
+            for i, d in dots.items():
+                layers[i].mlp = d
+
     def val_kl() -> float:
         """Mean per-token KL(dense || MoE) on the held-out sequences, hard routing, no grad."""
         recalibrate()
@@ -357,11 +369,7 @@ def e2e_stage(
         with torch.no_grad():
             for j in range(0, n_val, cfg.e2e_batch):
                 ids = val_ids[j : j + cfg.e2e_batch]
-                for i in dots:
-                    layers[i].mlp = teacher_mlps[i]
-                t_logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
-                for i, d in dots.items():
-                    layers[i].mlp = d
+                t_logp = teacher_logp(ids)
                 logp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
                 total += float((t_logp.exp() * (t_logp - logp)).sum(-1).sum())
         for d in dots.values():
@@ -387,16 +395,10 @@ def e2e_stage(
             recalibrate()
         set_budgets()
         ids = calib[torch.randint(0, calib.shape[0], (min(cfg.e2e_batch, calib.shape[0]),), generator=gen)]
-        with torch.no_grad():
-            for i, d in dots.items():
-                layers[i].mlp = teacher_mlps[i]
-            t_logits = model(input_ids=ids, use_cache=False).logits.float()
-            for i, d in dots.items():
-                layers[i].mlp = d
+        t_logp = teacher_logp(ids)
         out = model(input_ids=ids, use_cache=False)
         logits = out.logits.float()
         logp = torch.log_softmax(logits, dim=-1)
-        t_logp = torch.log_softmax(t_logits, dim=-1)
         kl = (t_logp.exp() * (t_logp - logp)).sum(-1).mean()
         ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         aux = [d.aux_losses() for d in dots.values()]
