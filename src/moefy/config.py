@@ -100,8 +100,10 @@ class ConvertConfig:
             raise ConfigError(f"unknown --budget-mode {self.budget_mode!r}; choose learned or fixed")
         if self.max_active is not None and not 1 <= self.max_active <= self.n_experts:
             raise ConfigError(f"--max-active must be within 1..{self.n_experts}")
-        if self.e2e_val_sequences < 0 or self.e2e_eval_every < 1:
-            raise ConfigError("e2e_val_sequences must be >= 0 and e2e_eval_every >= 1")
+        if self.e2e_val_sequences < 0:
+            raise ConfigError(f"--e2e-val-sequences must be >= 0, got {self.e2e_val_sequences}")
+        if self.e2e_eval_every < 1:
+            raise ConfigError(f"e2e_eval_every must be >= 1, got {self.e2e_eval_every}")
         if self.n_shared < 0:
             raise ConfigError(f"--shared must be >= 0, got {self.n_shared}")
         if self.seq_len < 8:
