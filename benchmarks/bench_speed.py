@@ -10,13 +10,17 @@ Part 1 - one FFN layer, random weights, at LLaMA-2-7B (4096 x 11008) and LLaMA-3
   sharing the same weights, measured in the same run; reported as speed-up = dense / MoE;
 * the physical limit of that speed-up: bytes of weights read per token, dense / MoE (router
   included); decode is memory-bound, so ``achieved / limit`` is how close decode gets to
-  reading only the chosen experts (above 100 % means the MoE streams its bytes faster than
-  the dense FFN does, e.g. thanks to the transposed down_proj layout; the JSON also has GB/s
-  for both).  For prefill, the FLOP ratio is shown instead;
-* decode with both memory layouts of ``down_proj`` (``dec x down-T``: ``transpose_down=True``,
-  each expert's down-projection one contiguous block; ``dec x down-L``: nn.Linear's layout,
-  strided column slices); the main columns use MoefyMLP's default (transposed for fp32 on
-  CPU, nn.Linear layout otherwise).
+  reading only the chosen experts.  Above 100 % means the MoE streams its bytes faster than
+  PyTorch's dense GEMVs do: on CPU the MoE decodes through moefy's compiled kernel
+  (``moefy.kernels``).  So the same kernel is also run on the whole dense FFN (every neuron
+  active, ``kernel-dense``), and ``of limit vs kernel-dense`` is the fraction of the limit
+  measured against that: the like-for-like figure.  The JSON has GB/s for all three;
+* for half precision on CPU, prefill is also compared with dense computed in fp32 from the same
+  half weights (what the MoE prefill does per expert: PyTorch's CPU bf16 GEMM without native
+  bf16 instructions is several times slower than fp32), ``pre x vs fp32-dense``;
+* decode with both memory layouts of ``down_proj`` unless ``--default-layout-only``
+  (``transposed``: ``transpose_down=True``, each expert's down-projection one contiguous block,
+  the CPU default; ``linear``: nn.Linear's layout, which takes the PyTorch GEMV fallback).
 
 Part 2 (with ``--model-dense`` and ``--model-moe``, loaded by :func:`moefy.models.load`):
 whole-model greedy decode tokens/s with the KV cache (``--gen-tokens`` after a
@@ -97,6 +101,33 @@ class DenseFFN(nn.Module):
         return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
 
 
+class DenseFFNUpcast(DenseFFN):
+    """The same FFN computed in fp32 from half-precision weights (cast per call): the trick the
+    MoE prefill uses on CPU, applied to dense, so the prefill comparison is like for like."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        h = F.silu(F.linear(xf, self.gate.float())) * F.linear(xf, self.up.float())
+        return F.linear(h, self.down.float()).to(x.dtype)
+
+
+class DenseFFNKernel:
+    """Dense decode through moefy's CPU kernel (every neuron active): the bandwidth the kernel
+    reaches on a full FFN, so "of limit" can be read against the same code path."""
+
+    def __init__(self, dense: DenseFFN) -> None:
+        from moefy import kernels
+
+        self.kernels = kernels
+        self.gate, self.up, self.down_t = dense.gate, dense.up, dense.down.t().contiguous()
+        self.n = dense.gate.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.kernels.moe_decode(x.reshape(-1), self.gate, self.up, self.down_t, [0], [self.n], [1.0], "silu")
+        assert out is not None
+        return out.to(x.dtype)
+
+
 def moe_sharing(dense: DenseFFN, n_experts: int, top_k: int, gating: str, seed: int, n_shared: int = 0) -> MoefyMLP:
     """A MoefyMLP over the dense weights (no copy of gate/up; the first call lays out its own
     transposed down_proj) with a random router; the first ``n_shared`` neurons are always active."""
@@ -115,7 +146,9 @@ def moe_sharing(dense: DenseFFN, n_experts: int, top_k: int, gating: str, seed: 
 def ffn_rows(
     shape_name: str, hidden: int, d_ffn: int, dtype_name: str, configs: list[tuple[int, ...]],
     prefill: int, repeats: int, warmup: int, gating: str, both_layouts: bool, seed: int,
+    prefill_repeats: int | None = None,
 ) -> list[dict[str, Any]]:
+    pre_repeats = prefill_repeats or max(1, repeats // 2)
     dtype = DTYPES[dtype_name]
     g = torch.Generator().manual_seed(seed)
     std = 1.0 / hidden**0.5
@@ -128,12 +161,25 @@ def ffn_rows(
     xs = (torch.randn(n_inputs, 1, hidden, generator=g)).to(dtype).to(DEVICE)
     xp = (torch.randn(prefill, hidden, generator=g)).to(dtype).to(DEVICE)
     esize = torch.finfo(dtype).bits // 8
-    # MoefyMLP's default (transpose_down=None): transposed for fp32 on CPU only
-    auto_t = dtype in (torch.float32, torch.float64) and DEVICE.type == "cpu"
+    # MoefyMLP's default (transpose_down=None): transposed on CPU
+    auto_t = DEVICE.type == "cpu"
     rows = []
     with torch.no_grad():
         dense_dec = median_ms(lambda i: dense(xs[i % n_inputs]), repeats, warmup)
-        dense_pre = median_ms(lambda i: dense(xp), max(1, repeats // 2), 1) if prefill else float("nan")
+        dense_pre = median_ms(lambda i: dense(xp), pre_repeats, 1) if prefill else float("nan")
+        dense_pre_up = float("nan")
+        if prefill and dtype in (torch.bfloat16, torch.float16) and DEVICE.type == "cpu":
+            up_ffn = DenseFFNUpcast(dense.gate, dense.up, dense.down)
+            dense_pre_up = median_ms(lambda i: up_ffn(xp), pre_repeats, 1)
+        kernel_dec = float("nan")
+        if DEVICE.type == "cpu":
+            from moefy import kernels
+
+            if kernels.load() is not None:
+                kdense = DenseFFNKernel(dense)
+                kernel_dec = median_ms(lambda i: kdense(xs[i % n_inputs]), repeats, warmup)
+                del kdense
+                gc.collect()
         dense_bytes = 3 * hidden * d_ffn * esize
         for cfg in configs:
             n_experts, top_k = cfg[0], cfg[1]
@@ -148,7 +194,7 @@ def ffn_rows(
                 moe(xs[0])  # lays out down_proj once (not timed)
                 decode[layout] = median_ms(lambda i: moe(xs[i % n_inputs]), repeats, warmup) if both_layouts or flag == auto_t else float("nan")
                 if flag == auto_t:
-                    moe_pre = median_ms(lambda i: moe(xp), max(1, repeats // 2), 1) if prefill else float("nan")
+                    moe_pre = median_ms(lambda i: moe(xp), pre_repeats, 1) if prefill else float("nan")
                 del moe
                 gc.collect()
             moe_dec = decode["transposed" if auto_t else "linear"]
@@ -163,17 +209,48 @@ def ffn_rows(
                 "bytes_per_token_dense": dense_bytes, "bytes_per_token_moe": moe_bytes,
                 "decode_limit": limit, "decode_fraction_of_limit": (dense_dec / moe_dec) / limit,
                 "dense_decode_GBps": dense_bytes / dense_dec / 1e6, "moe_decode_GBps": moe_bytes / moe_dec / 1e6,
+                "dense_kernel_decode_ms": kernel_dec, "dense_kernel_decode_GBps": dense_bytes / kernel_dec / 1e6,
+                "decode_speedup_vs_kernel_dense": kernel_dec / moe_dec,
+                "decode_fraction_of_limit_vs_kernel_dense": (kernel_dec / moe_dec) / limit,
                 "decode_ms_down_transposed": decode["transposed"], "decode_ms_down_linear": decode["linear"],
                 "decode_speedup_down_transposed": dense_dec / decode["transposed"],
                 "decode_speedup_down_linear": dense_dec / decode["linear"],
                 "prefill_tokens": prefill, "dense_prefill_ms": dense_pre, "moe_prefill_ms": moe_pre,
                 "prefill_speedup": dense_pre / moe_pre if prefill else float("nan"), "prefill_flop_limit": flop_limit,
+                "dense_prefill_ms_fp32_compute": dense_pre_up,
+                "prefill_speedup_vs_fp32_compute_dense": dense_pre_up / moe_pre if prefill else float("nan"),
             }
             rows.append(row)
     return rows
 
 
 # ------------------------------------------------------------------------ whole model
+def weights_read_per_token(model: nn.Module) -> int:
+    """Parameters a batch-1 decode step reads: all of them, except that an untied input
+    embedding gives one row, and a MoE FFN its router, shared block and ``top_k`` average
+    experts (for LapSum routing, the layer's budget ``k_l`` as the expected count)."""
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight.data_ptr() == emb.data_ptr()
+    total = 0
+    moe_params: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, MoefyMLP):
+            ids = {id(p) for p in mod.parameters()}
+            moe_params |= ids
+            mean_size = sum(mod.expert_sizes) / max(1, mod.n_experts)
+            active = mod.n_shared + float(mod.top_k) * mean_size
+            total += int(mod.router.weight.numel() + 3 * mod.hidden_size * active)
+    for p in model.parameters():
+        if id(p) in moe_params:
+            continue
+        if p is emb and not tied:
+            total += p.shape[-1]
+            continue
+        total += p.numel()
+    return total
+
+
 def model_speed(spec: str, dtype: torch.dtype, prompt_tokens: int, gen_tokens: int, prefill: int, repeats: int, warmup: int) -> dict[str, Any]:
     from transformers import DynamicCache
 
@@ -209,7 +286,8 @@ def model_speed(spec: str, dtype: torch.dtype, prompt_tokens: int, gen_tokens: i
         prefill_ms = median_ms(lambda i: model(input_ids=long, use_cache=False), max(1, repeats), warmup)
     params = sum(p.numel() for p in model.parameters())
     return {
-        "model": spec, "params": params, "decode_tokens_per_s": gen_tokens / decode_s,
+        "model": spec, "params": params, "params_read_per_token": weights_read_per_token(model),
+        "decode_tokens_per_s": gen_tokens / decode_s,
         "decode_ms_per_token": 1e3 * decode_s / gen_tokens, "prefill_tokens": prefill, "prefill_ms": prefill_ms,
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens,
     }
@@ -238,20 +316,30 @@ def print_table(title: str, headers: list[str], cells: list[list[str]]) -> None:
 def ffn_table(rows: list[dict[str, Any]], title: str) -> None:
     headers = [
         "shape", "dtype", "E:k", "active", "dense dec ms", "MoE dec ms", "dec x", "limit x", "of limit",
-        "dec x down-T", "dec x down-L", "dense pre ms", "MoE pre ms", "pre x", "FLOP limit x",
+        "MoE GB/s", "kernel-dense GB/s", "of limit vs kernel-dense",
+        "dense pre ms", "MoE pre ms", "pre x", "pre x vs fp32-dense", "FLOP limit x",
     ]
     cells = [
         [
             r["shape"], r["dtype"], f"{r['experts']}:{r['top_k']}" + (f":{r['shared']}" if r.get("shared") else ""), f"{100 * r['active_fraction']:.0f}%",
             f"{r['dense_decode_ms']:.3f}", f"{r['moe_decode_ms']:.3f}", f"{r['decode_speedup']:.2f}",
             f"{r['decode_limit']:.2f}", f"{100 * r['decode_fraction_of_limit']:.0f}%",
-            f"{r['decode_speedup_down_transposed']:.2f}", f"{r['decode_speedup_down_linear']:.2f}",
+            f"{r['moe_decode_GBps']:.1f}", f"{r['dense_kernel_decode_GBps']:.1f}",
+            f"{100 * r['decode_fraction_of_limit_vs_kernel_dense']:.0f}%",
             f"{r['dense_prefill_ms']:.2f}", f"{r['moe_prefill_ms']:.2f}",
-            f"{r['prefill_speedup']:.2f}", f"{r['prefill_flop_limit']:.2f}",
+            f"{r['prefill_speedup']:.2f}", f"{r['prefill_speedup_vs_fp32_compute_dense']:.2f}", f"{r['prefill_flop_limit']:.2f}",
         ]
         for r in rows
     ]
     print_table(title, headers, cells)
+
+
+def _kernel_status() -> dict[str, Any]:
+    from moefy import kernels
+
+    if DEVICE.type == "cpu":
+        kernels.load()
+    return kernels.status()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -263,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill", type=int, default=512, help="prefill tokens (0: skip prefill)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--prefill-repeats", type=int, default=None, help="timed prefill calls (default: repeats // 2)")
     ap.add_argument("--gating", default="mask", help="MoefyMLP gating for the FFN rows (mask, softmax, softmax-renorm)")
     ap.add_argument("--default-layout-only", action="store_true", help="skip timing the non-default down_proj layout")
     ap.add_argument("--skip-ffn", action="store_true", help="only the whole-model part")
@@ -308,8 +397,10 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "speed", "quick": args.quick, "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        "repeats": args.repeats, "warmup": args.warmup, "gating": args.gating,
+        "repeats": args.repeats, "prefill_repeats": args.prefill_repeats or max(1, args.repeats // 2),
+        "warmup": args.warmup, "gating": args.gating,
         "statistic": "median wall time; speed-up = dense / MoE in the same run",
+        "cpu_kernel": _kernel_status(),
     }
     result: dict[str, Any] = {"meta": meta, "ffn": [], "model": None}
     if not args.skip_ffn:
@@ -317,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             for dtype_name in args.dtypes:
                 rows = ffn_rows(
                     shape_name, hidden, d_ffn, dtype_name, configs, args.prefill, args.repeats, args.warmup,
-                    args.gating, not args.default_layout_only, args.seed,
+                    args.gating, not args.default_layout_only, args.seed, args.prefill_repeats,
                 )
                 result["ffn"].extend(rows)
                 ffn_table(
@@ -336,13 +427,15 @@ def main(argv: list[str] | None = None) -> None:
             models[dtype_name] = {
                 "dense": d, "moe": m,
                 "decode_speedup": m["decode_tokens_per_s"] / d["decode_tokens_per_s"],
+                "decode_limit": d["params_read_per_token"] / m["params_read_per_token"],
                 "prefill_speedup": d["prefill_ms"] / m["prefill_ms"],
             }
         result["model"] = models
         cells = [
             [
                 k, f"{v['dense']['decode_tokens_per_s']:.1f}", f"{v['moe']['decode_tokens_per_s']:.1f}",
-                f"{v['decode_speedup']:.2f}", f"{v['dense']['prefill_ms']:.1f}", f"{v['moe']['prefill_ms']:.1f}",
+                f"{v['decode_speedup']:.2f}", f"{v['decode_limit']:.2f}", f"{100 * v['decode_speedup'] / v['decode_limit']:.0f}%",
+                f"{v['dense']['prefill_ms']:.1f}", f"{v['moe']['prefill_ms']:.1f}",
                 f"{v['prefill_speedup']:.2f}",
             ]
             for k, v in models.items()
@@ -350,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         print_table(
             f"whole model: {args.model_moe} vs {args.model_dense} (greedy decode with KV cache, "
             f"{args.gen_tokens} tokens after a {args.prompt_tokens}-token prompt; prefill {args.prefill} tokens)",
-            ["dtype", "dense tok/s", "MoE tok/s", "decode x", "dense prefill ms", "MoE prefill ms", "prefill x"],
+            ["dtype", "dense tok/s", "MoE tok/s", "decode x", "bytes limit x", "of limit", "dense prefill ms", "MoE prefill ms", "prefill x"],
             cells,
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)

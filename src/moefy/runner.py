@@ -254,8 +254,17 @@ def build_record(
             )
     summ = summary(reports)
     summ.update({"active_ffn_fraction": round(active_fraction(cfg, d_ffn), 4), "wall_seconds": round(seconds, 1)})
+    import platform
+
+    import transformers
+
     return {
         "moefy_version": __version__,
+        # conversions are deterministic for a seed, a thread count and these versions
+        "environment": {
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads(),
+        },
         "name": f"{Path(model_spec).name}-moe-{cfg.method}-E{cfg.n_experts}k{cfg.top_k}",
         "source": model_spec,
         "loaded_from": source,

@@ -38,6 +38,43 @@ def lapsum_threshold_bisect(scores: torch.Tensor, k: float, alpha: float, iters:
     return (lo + hi) / 2
 
 
+# --------------------------------------------------------------------------- batch-1 decode
+# Decode is memory-bound: its speed is how fast the chosen experts' weights stream from memory.
+# On CPU, moefy's compiled kernel (moefy.kernels: every active neuron's gate/up/down rows read
+# once, contiguous, in one parallel region on torch's own threads) reaches the bytes limit at
+# every expert granularity (docs/BENCHMARKS.md section 4); without it (moefy not importable, as
+# in a trust_remote_code load, or no compiler) the same ranges run as PyTorch GEMV calls.
+# Half-precision prefill on CPU: experts with at least this many tokens compute in fp32, since
+# PyTorch's CPU bf16/fp16 GEMM without native half instructions is several times slower.
+HALF_UPCAST_MIN_TOKENS = 16
+
+try:
+    from moefy import kernels as _kernels
+except ImportError:  # pragma: no cover - a checkpoint loaded without moefy installed
+    _kernels = None
+
+
+def _ffn_ranges(
+    x: torch.Tensor, gw: torch.Tensor, uw: torch.Tensor, gb: torch.Tensor | None, ub: torch.Tensor | None,
+    down_t: torch.Tensor, act: Any, pieces: list[tuple[int, int, torch.Tensor | None]], accumulate: torch.dtype,
+) -> torch.Tensor | None:
+    """``sum over (lo, hi, w) in pieces of w * down(act(gate x) * up x)`` over neurons ``lo:hi``
+    for one token ``x`` (1-D), reading weights through views; the sum in ``accumulate``."""
+    out: torch.Tensor | None = None
+    for lo, hi, w in pieces:
+        g = torch.mv(gw[lo:hi], x)
+        u = torch.mv(uw[lo:hi], x)
+        if gb is not None:
+            g = g + gb[lo:hi]
+            u = u + ub[lo:hi]  # type: ignore[index]
+        h = act(g) * u
+        if w is not None:
+            h = h * w
+        y = torch.mv(down_t[lo:hi].t(), h).to(accumulate)
+        out = y if out is None else out + y
+    return out
+
+
 class MoefyMLP(nn.Module):
     """Gated FFN split into ``n_shared`` always-active neurons plus routed experts.
 
@@ -46,15 +83,18 @@ class MoefyMLP(nn.Module):
 
     Fast path.  Expert ``e`` owns neurons ``offsets[e]:offsets[e+1]``: rows of ``gate_proj`` /
     ``up_proj`` and columns of ``down_proj``, always read through views (never gathered).
-    Batch-1 decode loops over the token's chosen experts; several tokens are sorted by expert
-    and each used expert runs one matmul over its tokens.
+    Batch-1 decode collects the token's active neuron ranges (shared block and chosen experts,
+    adjacent ones merged) and computes them in one call of moefy's compiled CPU kernel
+    (:mod:`moefy.kernels`; ``use_kernel = False`` turns it off), else with PyTorch GEMV calls.
+    Several tokens are sorted by expert and each used expert runs one matmul over its tokens;
+    on CPU in bf16/fp16, an expert with many tokens computes in fp32 (upcast slices).
 
     ``transpose_down`` picks the memory layout of ``down_proj.weight`` for inference (its shape,
     values and state-dict key never change): ``True`` stores it as the transpose of a
     contiguous ``[intermediate, hidden]`` tensor, so an expert's down-projection is one
-    contiguous block instead of ``hidden`` short strided rows; ``False`` keeps nn.Linear's
-    layout; ``None`` (default) transposes fp32/fp64 weights on CPU only, where that measured
-    2-3x faster per expert, while CPU bf16 kernels are faster on nn.Linear's layout.
+    contiguous block (a column-major GEMV) instead of ``hidden`` short strided rows; ``False``
+    keeps nn.Linear's layout; ``None`` (default) transposes on CPU, where it measured fastest
+    for decode in fp32 and bf16 alike.
     """
 
     def __init__(
@@ -88,7 +128,10 @@ class MoefyMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, total, bias=bias)
         self.down_proj = nn.Linear(total, hidden_size, bias=bias)
         self.router = nn.Linear(hidden_size, self.n_experts, bias=False)
+        self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
+        # batch-1 CPU decode through moefy's compiled kernel when it can be had (False: PyTorch GEMVs)
+        self.use_kernel = True
         offsets = [self.n_shared]
         for s in self.expert_sizes:
             offsets.append(offsets[-1] + s)
@@ -137,15 +180,6 @@ class MoefyMLP(nn.Module):
         return self._dense_weights(self.router(x), x.dtype)
 
     # ----------------------------------------------------------------- forward
-    def _expert(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Intermediate activations of neurons ``lo:hi`` (row views of gate/up, no copy)."""
-        gb = self.gate_proj.bias[lo:hi] if self.gate_proj.bias is not None else None
-        ub = self.up_proj.bias[lo:hi] if self.up_proj.bias is not None else None
-        return self.act_fn(F.linear(x, self.gate_proj.weight[lo:hi], gb)) * F.linear(x, self.up_proj.weight[lo:hi], ub)
-
-    def _down(self, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        return torch.mm(h, self.down_proj.weight.t()[lo:hi])
-
     def _down_t(self) -> torch.Tensor:
         """``down_proj.weight.t()`` (``[intermediate, hidden]``): expert ``e`` is rows ``lo:hi``.
 
@@ -154,13 +188,13 @@ class MoefyMLP(nn.Module):
         computes the same values; shape, values and state-dict key never change.
         """
         w = self.down_proj.weight
-        if self.training or w.dim() != 2 or not w.numel() or w.device.type == "meta" or hasattr(self, "_hf_hook"):
+        if self.training or "_hf_hook" in self.__dict__ or w.dim() != 2 or not w.numel() or w.device.type == "meta":
             return w.t()
         key = (w.data_ptr(), w.dtype, w.device)
         if key != self._down_layout_key:
             want = self.transpose_down
-            if want is None:  # measured on CPU: fp32 2-3x faster decode transposed, bf16 slower
-                want = w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64)
+            if want is None:  # measured on CPU: contiguous expert blocks decode fastest in every dtype
+                want = w.device.type == "cpu" and w.dtype.is_floating_point
             is_t = w.stride(0) == 1 and w.stride(1) == w.shape[0]
             if want != is_t:
                 with torch.inference_mode(False), torch.no_grad():
@@ -168,39 +202,113 @@ class MoefyMLP(nn.Module):
             self._down_layout_key = (w.data_ptr(), w.dtype, w.device)
         return w.t()
 
+    def _half_cpu(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+    def _rows_down(self, h: torch.Tensor, lo: int, hi: int, down_t: torch.Tensor, upcast: bool) -> torch.Tensor:
+        """``h @ down_t[lo:hi]`` for several tokens.  On CPU in half precision PyTorch's GEMM is
+        very slow for a row-major ``[s, hidden]`` right operand (measured 60x): use fp32
+        (``upcast``) or a column-major ``h``, which takes the fast kernel."""
+        w = down_t[lo:hi]
+        if upcast:
+            return torch.mm(h.float(), w.float())
+        if self._half_cpu(h) and w.stride(1) == 1:
+            return torch.mm(h.t().contiguous().t(), w)
+        return torch.mm(h, w)
+
+    def _rows(self, xe: torch.Tensor, lo: int, hi: int, down_t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+        """Output of neurons ``lo:hi`` for tokens ``xe`` (in fp32 when half precision on CPU)."""
+        upcast = self._half_cpu(xe) and xe.shape[0] >= HALF_UPCAST_MIN_TOKENS
+        gw, uw = self.gate_proj.weight[lo:hi], self.up_proj.weight[lo:hi]
+        gb = self.gate_proj.bias[lo:hi] if self.gate_proj.bias is not None else None
+        ub = self.up_proj.bias[lo:hi] if self.up_proj.bias is not None else None
+        if upcast:
+            xe, gw, uw = xe.float(), gw.float(), uw.float()
+            gb, ub = (gb.float() if gb is not None else None), (ub.float() if ub is not None else None)
+        h = self.act_fn(F.linear(xe, gw, gb)) * F.linear(xe, uw, ub)
+        if w is not None:
+            h = h * w.to(h.dtype)
+        y = self._rows_down(h, lo, hi, down_t, upcast)
+        return y.float() if self._half_cpu(xe) else y
+
     def _shared_out(self, x: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
         if self.n_shared:
-            return torch.mm(self._expert(x, 0, self.n_shared), down_t[: self.n_shared])
-        return x.new_zeros(x.shape[0], self.hidden_size)
+            return self._rows(x, 0, self.n_shared, down_t, None)
+        return x.new_zeros(x.shape[0], self.hidden_size, dtype=torch.float32 if self._half_cpu(x) else x.dtype)
+
+    def _kernel_ok(self, x: torch.Tensor, down_t: torch.Tensor) -> bool:
+        """Whether batch-1 decode can take moefy's CPU kernel (else PyTorch GEMVs)."""
+        if _kernels is None or not self.use_kernel or x.device.type != "cpu" or self.gate_proj.bias is not None:
+            return False
+        gw, uw, rw = self.gate_proj.weight, self.up_proj.weight, self.router.weight
+        if not (gw.dtype == uw.dtype == down_t.dtype == x.dtype):
+            return False
+        if (gw.stride(1) != 1 and gw.shape[1] != 1) or (uw.stride(1) != 1 and uw.shape[1] != 1):
+            return False
+        if down_t.stride(1) != 1 and down_t.shape[1] != 1:
+            return False
+        # the kernel records no autograd graph
+        return not torch.is_grad_enabled() or not (
+            x.requires_grad or gw.requires_grad or uw.requires_grad or down_t.requires_grad or rw.requires_grad
+        )
 
     def _decode(self, x: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
-        """One token: loop over its chosen experts, reading only their weights (views)."""
+        """One token: the active neuron ranges (shared block, chosen experts), GEMVs over views."""
+        kernel = self._kernel_ok(x, down_t)
+        r = self.router
+        if (
+            kernel
+            and self.router_type == "topk"
+            and not (r._forward_hooks or r._forward_pre_hooks)
+            and r.weight.dtype == x.dtype
+            and 1 <= int(self.top_k) <= self.n_experts
+        ):  # routing inside the kernel too: one call for the whole FFN
+            out = _kernels.moe_decode_topk(  # type: ignore[union-attr]
+                x[0], r.weight, self.gate_proj.weight, self.up_proj.weight, down_t, self.offsets,
+                self.n_shared, int(self.top_k), self.gating, self.hidden_act,
+            )
+            if out is not None:
+                if self.count_active:
+                    self.active_pairs += int(self.top_k)
+                    self.tokens_seen += 1
+                return out.to(x.dtype)[None]
         logits = self.router(x)
         if self.router_type == "lapsum":
             w = self._dense_weights(logits, x.dtype)
             chosen = torch.nonzero(w[0]).flatten().tolist()
-            vals: torch.Tensor | None = w[:, chosen]
+            vals: torch.Tensor | None = w[0, chosen]
         else:
             idx, vals = self._topk_route(logits, x.dtype)
             chosen = idx[0].tolist()
+            vals = vals[0] if vals is not None else None
         if self.count_active:
             self.active_pairs += len(chosen)
             self.tokens_seen += 1
-        gw, uw, act, offsets = self.gate_proj.weight, self.up_proj.weight, self.act_fn, self.offsets
-        gb, ub = self.gate_proj.bias, self.up_proj.bias
-        out = self._shared_out(x, down_t) if self.n_shared else None
-        for j, e in enumerate(chosen):
+        offsets = self.offsets
+        pieces: list[tuple[int, int, torch.Tensor | None]] = [(0, self.n_shared, None)] if self.n_shared else []
+        order = sorted(range(len(chosen)), key=chosen.__getitem__) if vals is None else range(len(chosen))
+        for j in order:
+            e = chosen[j]
             lo, hi = offsets[e], offsets[e + 1]
             if lo == hi:
                 continue
-            if gb is None:
-                h = act(F.linear(x, gw[lo:hi])) * F.linear(x, uw[lo:hi])
+            if vals is None and pieces and pieces[-1][1] == lo and pieces[-1][2] is None:
+                pieces[-1] = (pieces[-1][0], hi, None)  # adjacent experts: one range
             else:
-                h = act(F.linear(x, gw[lo:hi], gb[lo:hi])) * F.linear(x, uw[lo:hi], ub[lo:hi])  # type: ignore[index]
-            if vals is not None:
-                h = h * vals[:, j : j + 1]
-            out = torch.mm(h, down_t[lo:hi]) if out is None else out.addmm_(h, down_t[lo:hi])
-        return out if out is not None else x.new_zeros(1, self.hidden_size)
+                pieces.append((lo, hi, vals[j] if vals is not None else None))
+        if not pieces:
+            return x.new_zeros(1, self.hidden_size)
+        gw, uw, gb, ub = self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias
+        out: torch.Tensor | None = None
+        if kernel:
+            out = _kernels.moe_decode(  # type: ignore[union-attr]
+                x[0], gw, uw, down_t, [p[0] for p in pieces], [p[1] for p in pieces],
+                [1.0 if p[2] is None else float(p[2]) for p in pieces], self.hidden_act,
+            )
+        if out is None:
+            acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+            out = _ffn_ranges(x[0], gw, uw, gb, ub, down_t, self.act_fn, pieces, acc)
+        return out.to(x.dtype)[None]  # type: ignore[union-attr]
 
     def _grouped(self, x: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
         """Many tokens: sort the (token, expert) pairs by expert (one host sync for the counts),
@@ -225,8 +333,7 @@ class MoefyMLP(nn.Module):
             self.active_pairs += int(expert.numel())
             self.tokens_seen += int(x.shape[0])
         out = self._shared_out(x, down_t)
-        gw, uw, act, offsets = self.gate_proj.weight, self.up_proj.weight, self.act_fn, self.offsets
-        gb, ub = self.gate_proj.bias, self.up_proj.bias
+        offsets = self.offsets
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
@@ -237,22 +344,16 @@ class MoefyMLP(nn.Module):
             if lo == hi:
                 continue
             t = tok[sl]
-            xe = x.index_select(0, t)
-            if gb is None:
-                h = act(F.linear(xe, gw[lo:hi])) * F.linear(xe, uw[lo:hi])
-            else:
-                h = act(F.linear(xe, gw[lo:hi], gb[lo:hi])) * F.linear(xe, uw[lo:hi], ub[lo:hi])  # type: ignore[index]
-            if ws is not None:
-                h = h * ws[sl, None]
-            out.index_add_(0, t, torch.mm(h, down_t[lo:hi]))
-        return out
+            y = self._rows(x.index_select(0, t), lo, hi, down_t, ws[sl, None] if ws is not None else None)
+            out.index_add_(0, t, y)
+        return out.to(x.dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         down_t = self._down_t()
         if self.n_experts == 0:
-            out = self._shared_out(x, down_t)
+            out = self._shared_out(x, down_t).to(x.dtype)
         elif x.shape[0] == 1:
             out = self._decode(x, down_t)
         else:
