@@ -247,3 +247,23 @@ def test_fused_routing_respects_router_hooks_and_gradients():
     mlp.zero_grad()
     mlp.forward_reference(x).sum().backward()
     assert torch.allclose(g, mlp.router.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_build_failure_warns_once_and_decode_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(kernels, "_MODULE", None)
+    monkeypatch.setattr(kernels, "_FAILED", None)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(RuntimeWarning, match="could not be built.*command not found"):
+        assert kernels.load() is None
+    assert kernels.load() is None and "command not found" in kernels.status()["error"]  # no second attempt
+    mlp = make_mlp(gating="softmax")
+    with torch.no_grad():
+        x = torch.randn(1, 40)
+        assert close(mlp(x), mlp.forward_reference(x))
