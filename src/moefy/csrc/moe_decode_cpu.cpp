@@ -6,8 +6,8 @@
 // down projection stored transposed ([d_ffn, hidden], row-major; moefy's CPU layout).  Every
 // weight is read once, in contiguous rows; arithmetic in fp32 whatever the storage dtype.
 // Work is split over torch's own intra-op threads (at::parallel_for), so it shares torch's
-// OpenMP team instead of competing with it; each thread sums its neurons into its own fp32
-// accumulator, and the accumulators are added at the end.
+// OpenMP team instead of competing with it: the active neurons are cut into one chunk per
+// thread, each chunk sums into its own fp32 accumulator, and the accumulators are added at the end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -115,19 +115,25 @@ void run(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, cons
   std::vector<int64_t> prefix(starts.size() + 1, 0);
   for (size_t r = 0; r < starts.size(); ++r) prefix[r + 1] = prefix[r] + (ends[r] - starts[r]);
   const int64_t total = prefix.back();
-  const int64_t nthreads = acc.size(0);
+  // chunk c of the positions sums into acc[c]: one chunk per thread, and no two chunks share a
+  // row whatever thread runs them (thread ids are not relied on)
+  const int64_t chunks = acc.size(0);
   float* accp = acc.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, (total + nthreads - 1) / nthreads);
-  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
-    float* y = accp + static_cast<int64_t>(at::get_thread_num()) * hidden;
-    size_t r = std::upper_bound(prefix.begin(), prefix.end(), begin) - prefix.begin() - 1;
-    for (int64_t p = begin; p < end; ++p) {
-      while (p >= prefix[r + 1]) ++r;
-      const int64_t j = starts[r] + (p - prefix[r]);
-      float gv, uv;
-      dot2(g + j * ldg, u + j * ldu, xf.data(), hidden, gv, uv);
-      const float h = activate(gv, act) * uv * scales[r];
-      axpy(h, d + j * ldd, y, hidden);
+  const int64_t per = std::max<int64_t>(1, (total + chunks - 1) / chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+    for (int64_t c = cbegin; c < cend; ++c) {
+      const int64_t begin = c * per, end = std::min(total, begin + per);
+      if (begin >= end) continue;
+      float* y = accp + c * hidden;
+      size_t r = std::upper_bound(prefix.begin(), prefix.end(), begin) - prefix.begin() - 1;
+      for (int64_t p = begin; p < end; ++p) {
+        while (p >= prefix[r + 1]) ++r;
+        const int64_t j = starts[r] + (p - prefix[r]);
+        float gv, uv;
+        dot2(g + j * ldg, u + j * ldu, xf.data(), hidden, gv, uv);
+        const float h = activate(gv, act) * uv * scales[r];
+        axpy(h, d + j * ldd, y, hidden);
+      }
     }
   });
 }
