@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ def ffn_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['moe_decode_ms']:.2f} | {r['decode_speedup']:.2f} | {r['decode_limit']:.2f} "
             f"| **{100 * r['decode_fraction_of_limit']:.0f}%** | {100 * r['decode_fraction_of_limit_vs_kernel_dense']:.0f}% "
             f"| {r['moe_decode_GBps']:.1f} | {r['prefill_speedup']:.2f} "
-            f"| {'–' if vs_up is None or vs_up != vs_up else f'{vs_up:.2f}'} | {r['prefill_flop_limit']:.2f} |"
+            f"| {'–' if vs_up is None or math.isnan(vs_up) else f'{vs_up:.2f}'} | {r['prefill_flop_limit']:.2f} |"
         )
     return "\n".join(out)
 

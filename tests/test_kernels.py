@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def kernel_only(monkeypatch):
 def test_kernel_builds_and_shares_torchs_openmp():
     assert kernels.load() is not None, kernels.status()
     if sys.platform.startswith("linux"):
-        maps = open("/proc/self/maps").read().splitlines()
+        maps = Path("/proc/self/maps").read_text().splitlines()
         # one libgomp.so.1 (wheels that vendor a renamed copy, e.g. sentencepiece's, do not count):
         # the kernel's OpenMP is torch's own runtime, so it runs on torch's threads
         gomp = {line.split()[-1] for line in maps if line.split()[-1].rsplit("/", 1)[-1].startswith("libgomp.so")}

@@ -51,7 +51,7 @@ HALF_UPCAST_MIN_TOKENS = 16
 try:
     from moefy import kernels as _kernels
 except ImportError:  # pragma: no cover - a checkpoint loaded without moefy installed
-    _kernels = None
+    _kernels = None  # type: ignore[assignment]
 
 
 def _ffn_ranges(
@@ -263,15 +263,15 @@ class MoefyMLP(nn.Module):
             and r.weight.dtype == x.dtype
             and 1 <= int(self.top_k) <= self.n_experts
         ):  # routing inside the kernel too: one call for the whole FFN
-            out = _kernels.moe_decode_topk(  # type: ignore[union-attr]
+            fused = _kernels.moe_decode_topk(
                 x[0], r.weight, self.gate_proj.weight, self.up_proj.weight, down_t, self.offsets,
                 self.n_shared, int(self.top_k), self.gating, self.hidden_act,
             )
-            if out is not None:
+            if fused is not None:
                 if self.count_active:
                     self.active_pairs += int(self.top_k)
                     self.tokens_seen += 1
-                return out.to(x.dtype)[None]
+                return fused.to(x.dtype)[None]
         logits = self.router(x)
         if self.router_type == "lapsum":
             w = self._dense_weights(logits, x.dtype)
@@ -301,7 +301,7 @@ class MoefyMLP(nn.Module):
         gw, uw, gb, ub = self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias
         out: torch.Tensor | None = None
         if kernel:
-            out = _kernels.moe_decode(  # type: ignore[union-attr]
+            out = _kernels.moe_decode(
                 x[0], gw, uw, down_t, [p[0] for p in pieces], [p[1] for p in pieces],
                 [1.0 if p[2] is None else float(p[2]) for p in pieces], self.hidden_act,
             )
