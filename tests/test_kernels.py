@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import moefy.hf.modeling_moefy as modeling
 from moefy import kernels
 from moefy.hf.modeling_moefy import MoefyMLP
 
@@ -42,7 +41,7 @@ def kernel_only(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the PyTorch fallback ran instead of the kernel")
 
-    monkeypatch.setattr(modeling, "_ffn_ranges", boom)
+    monkeypatch.setattr(MoefyMLP, "_rows", boom)  # the PyTorch path's per-range computation
 
 
 @needs_compiler

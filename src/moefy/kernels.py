@@ -74,19 +74,24 @@ def load(verbose: bool = False) -> ModuleType | None:
     return _MODULE
 
 
+def usable(x: torch.Tensor, activation: str) -> ModuleType | None:
+    """The kernel module if it serves a token ``x`` with this activation (CPU, fp32/bf16/fp16,
+    an activation it implements, built or buildable), else ``None``."""
+    if activation not in ACTIVATIONS or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    return load()
+
+
 def moe_decode(
     x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor,
     starts: list[int], ends: list[int], scales: list[float], activation: str,
 ) -> torch.Tensor | None:
     """``sum_r scales[r] * sum_{j in starts[r]:ends[r]} act(gate_j . x) * (up_j . x) * down_t[j]`` in
     fp32 for one token ``x`` (1-D); ``None`` when the kernel is unavailable for these inputs."""
-    code = ACTIVATIONS.get(activation)
-    if code is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return None
-    mod = load()
+    mod = usable(x, activation)
     if mod is None:
         return None
-    return mod.moe_decode(x.contiguous(), gate, up, down_t, starts, ends, scales, code)
+    return mod.moe_decode(x.contiguous(), gate, up, down_t, starts, ends, scales, ACTIVATIONS[activation])
 
 
 GATINGS = {"mask": 0, "softmax": 1, "softmax-renorm": 2}
@@ -100,13 +105,12 @@ def moe_decode_topk(
     nn.Linear gives them), top-``top_k`` experts (expert ``e`` = neurons ``offsets[e]:offsets[e+1]``),
     their ``gating`` weights, the always-active neurons ``0:n_shared`` and the FFN, in fp32;
     ``None`` when the kernel is unavailable for these inputs."""
-    code, gcode = ACTIVATIONS.get(activation), GATINGS.get(gating)
-    if code is None or gcode is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    mod = usable(x, activation)
+    if mod is None or gating not in GATINGS:
         return None
-    mod = load()
-    if mod is None:
-        return None
-    return mod.moe_decode_topk(x.contiguous(), router, gate, up, down_t, offsets, n_shared, top_k, gcode, code)
+    return mod.moe_decode_topk(
+        x.contiguous(), router, gate, up, down_t, offsets, n_shared, top_k, GATINGS[gating], ACTIVATIONS[activation]
+    )
 
 
 def status() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -254,10 +256,6 @@ def build_record(
             )
     summ = summary(reports)
     summ.update({"active_ffn_fraction": round(active_fraction(cfg, d_ffn), 4), "wall_seconds": round(seconds, 1)})
-    import platform
-
-    import transformers
-
     return {
         "moefy_version": __version__,
         # conversions are deterministic for a seed, a thread count and these versions

@@ -153,11 +153,14 @@ void route(const at::Tensor& x, const at::Tensor& router, int64_t k, int64_t gat
   const int64_t ldr = router.stride(0);
   std::vector<float> xf(hidden), logits(n_experts);
   for (int64_t i = 0; i < hidden; ++i) xf[i] = to_float(xp[i]);
-  at::parallel_for(0, n_experts, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
+  const int64_t pairs = (n_experts + 1) / 2;  // two experts per dot2 (the last one twice when E is odd)
+  at::parallel_for(0, pairs, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t e = 2 * q, f = std::min(e + 1, n_experts - 1);
       float a, b;
-      dot2(rp + e * ldr, rp + e * ldr, xf.data(), hidden, a, b);
+      dot2(rp + e * ldr, rp + f * ldr, xf.data(), hidden, a, b);
       logits[e] = round_to<T>(a);
+      logits[f] = round_to<T>(b);
     }
   });
   // top-k, larger logit first, lower index first among equals

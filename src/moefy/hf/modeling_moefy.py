@@ -54,27 +54,6 @@ except ImportError:  # pragma: no cover - a checkpoint loaded without moefy inst
     _kernels = None  # type: ignore[assignment]
 
 
-def _ffn_ranges(
-    x: torch.Tensor, gw: torch.Tensor, uw: torch.Tensor, gb: torch.Tensor | None, ub: torch.Tensor | None,
-    down_t: torch.Tensor, act: Any, pieces: list[tuple[int, int, torch.Tensor | None]], accumulate: torch.dtype,
-) -> torch.Tensor | None:
-    """``sum over (lo, hi, w) in pieces of w * down(act(gate x) * up x)`` over neurons ``lo:hi``
-    for one token ``x`` (1-D), reading weights through views; the sum in ``accumulate``."""
-    out: torch.Tensor | None = None
-    for lo, hi, w in pieces:
-        g = torch.mv(gw[lo:hi], x)
-        u = torch.mv(uw[lo:hi], x)
-        if gb is not None:
-            g = g + gb[lo:hi]
-            u = u + ub[lo:hi]  # type: ignore[index]
-        h = act(g) * u
-        if w is not None:
-            h = h * w
-        y = torch.mv(down_t[lo:hi].t(), h).to(accumulate)
-        out = y if out is None else out + y
-    return out
-
-
 class MoefyMLP(nn.Module):
     """Gated FFN split into ``n_shared`` always-active neurons plus routed experts.
 
@@ -213,6 +192,8 @@ class MoefyMLP(nn.Module):
         if upcast:
             return torch.mm(h.float(), w.float())
         if self._half_cpu(h) and w.stride(1) == 1:
+            if h.shape[0] == 1:  # one token: a column-major GEMV (a [1, s] "column-major" h is still row-major)
+                return torch.mv(w.t(), h[0])[None]
             return torch.mm(h.t().contiguous().t(), w)
         return torch.mm(h, w)
 
@@ -238,7 +219,9 @@ class MoefyMLP(nn.Module):
 
     def _kernel_ok(self, x: torch.Tensor, down_t: torch.Tensor) -> bool:
         """Whether batch-1 decode can take moefy's CPU kernel (else PyTorch GEMVs)."""
-        if _kernels is None or not self.use_kernel or x.device.type != "cpu" or self.gate_proj.bias is not None:
+        if _kernels is None or not self.use_kernel or self.gate_proj.bias is not None:
+            return False
+        if _kernels.usable(x, self.hidden_act) is None:  # device, dtype, activation, a built kernel
             return False
         gw, uw, rw = self.gate_proj.weight, self.up_proj.weight, self.router.weight
         if not (gw.dtype == uw.dtype == down_t.dtype == x.dtype):
@@ -298,17 +281,19 @@ class MoefyMLP(nn.Module):
                 pieces.append((lo, hi, vals[j] if vals is not None else None))
         if not pieces:
             return x.new_zeros(1, self.hidden_size)
-        gw, uw, gb, ub = self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias
-        out: torch.Tensor | None = None
         if kernel:
             out = _kernels.moe_decode(
-                x[0], gw, uw, down_t, [p[0] for p in pieces], [p[1] for p in pieces],
-                [1.0 if p[2] is None else float(p[2]) for p in pieces], self.hidden_act,
+                x[0], self.gate_proj.weight, self.up_proj.weight, down_t, [p[0] for p in pieces],
+                [p[1] for p in pieces], [1.0 if p[2] is None else float(p[2]) for p in pieces], self.hidden_act,
             )
-        if out is None:
-            acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-            out = _ffn_ranges(x[0], gw, uw, gb, ub, down_t, self.act_fn, pieces, acc)
-        return out.to(x.dtype)[None]  # type: ignore[union-attr]
+            if out is not None:
+                return out.to(x.dtype)[None]
+        # PyTorch fallback: the multi-token path, one neuron range at a time (fp32 sums for half on CPU)
+        out = None
+        for lo, hi, scale in pieces:
+            y = self._rows(x, lo, hi, down_t, scale)
+            out = y if out is None else out + y
+        return out.to(x.dtype)  # type: ignore[union-attr]
 
     def _grouped(self, x: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
         """Many tokens: sort the (token, expert) pairs by expert (one host sync for the counts),
