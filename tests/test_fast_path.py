@@ -118,6 +118,17 @@ def test_down_proj_relaid_out_without_changing_the_state_dict():
         assert torch.equal(other.forward_reference(x), mlp.forward_reference(x))
 
 
+def test_changing_transpose_down_after_first_use_takes_effect():
+    mlp = make_mlp()
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        ref = mlp(x)
+        assert mlp.down_proj.weight.t().is_contiguous()
+        mlp.transpose_down = False
+        assert_close(mlp(x), ref)
+        assert mlp.down_proj.weight.is_contiguous()
+
+
 def test_strided_down_layout_gives_the_same_result():
     a, b = make_mlp(), make_mlp()
     b.transpose_down = False

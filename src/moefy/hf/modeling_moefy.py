@@ -163,13 +163,13 @@ class MoefyMLP(nn.Module):
         """``down_proj.weight.t()`` (``[intermediate, hidden]``): expert ``e`` is rows ``lo:hi``.
 
         Outside training, the weight's memory layout is chosen once per tensor (the choice is
-        redone after a cast, a move or a reload): see :attr:`transpose_down`.  Any layout
+        redone after a cast, a move, a reload or a new ``transpose_down``): see :attr:`transpose_down`.  Any layout
         computes the same values; shape, values and state-dict key never change.
         """
         w = self.down_proj.weight
         if self.training or "_hf_hook" in self.__dict__ or w.dim() != 2 or not w.numel() or w.device.type == "meta":
             return w.t()
-        key = (w.data_ptr(), w.dtype, w.device)
+        key = (w.data_ptr(), w.dtype, w.device, self.transpose_down)
         if key != self._down_layout_key:
             want = self.transpose_down
             if want is None:  # measured on CPU: contiguous expert blocks decode fastest in every dtype
@@ -178,7 +178,7 @@ class MoefyMLP(nn.Module):
             if want != is_t:
                 with torch.inference_mode(False), torch.no_grad():
                     w.data = w.data.t().contiguous().t() if want else w.data.contiguous()
-            self._down_layout_key = (w.data_ptr(), w.dtype, w.device)
+            self._down_layout_key = (w.data_ptr(), w.dtype, w.device, self.transpose_down)
         return w.t()
 
     def _half_cpu(self, x: torch.Tensor) -> bool:
