@@ -1,4 +1,4 @@
-"""Command-line interface: ``moefy convert``, ``moefy eval``, ``moefy export``.
+"""Command-line interface: ``moefy convert``, ``train``, ``tokenize``, ``eval``, ``export``, ``compare``.
 
 Every user-facing failure is a :class:`moefy.errors.MoefyError`: one line on stderr and its
 own exit code, never a traceback.
@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import CalibrationDataError, ConfigError, InterruptedRun, MoefyError, OutOfMemoryError
+from .errors import CalibrationDataError, ConfigError, InterruptedRun, MoefyError, OutOfMemoryError, OutputExistsError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert dense decoder LLMs into sparse Mixture-of-Experts (DOT-MoE).")
 console = Console(stderr=True)
@@ -61,10 +61,12 @@ def convert(
     calib: Annotated[Optional[list[Path]], typer.Option("--calib", help="Calibration text (.txt/.jsonl/.json); repeatable. None: data-free.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration token budget.")] = 32768,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
+    train_data: Annotated[Optional[list[str]], typer.Option("--train-data", help="End-to-end stage text (default: the --calib files past the calibration tokens); repeatable.")] = None,
     stage: Annotated[str, typer.Option(help="layerwise | e2e | both")] = "layerwise",
     weights: Annotated[str, typer.Option(help="Expert weight adaptation: none | ridge | grad | grad+ridge")] = "ridge",
     steps: Annotated[int, typer.Option(help="Layer-wise assignment training steps per layer.")] = 40,
-    e2e_steps: Annotated[int, typer.Option(help="End-to-end training steps.")] = 100,
+    e2e_steps: Annotated[int, typer.Option(help="End-to-end (recovery training) steps of --e2e-batch sequences.")] = 100,
+    e2e_batch: Annotated[int, typer.Option(help="End-to-end: sequences per step.")] = 4,
     e2e_val_sequences: Annotated[int, typer.Option(help="End-to-end: calibration sequences held out to keep the best state (0: keep the last).")] = 4,
     init: Annotated[str, typer.Option(help="DOT-MoE initial split: act-cluster | param-cluster | random")] = "act-cluster",
     rounding: Annotated[str, typer.Option(help="greedy (paper) | exact (transport LP)")] = "greedy",
@@ -91,14 +93,15 @@ def convert(
     cfg = ConvertConfig(
         n_experts=experts, top_k=top_k, method=method, n_shared=shared, shared_by=shared_by, stage=stage, seed=seed,
         calib_tokens=calib_tokens, seq_len=seq_len, weights=weights, steps=steps, e2e_steps=e2e_steps,
-        e2e_val_sequences=e2e_val_sequences,
+        e2e_val_sequences=e2e_val_sequences, e2e_batch=e2e_batch,
         init=init, rounding=rounding, layers=layer_list, router=router, gating=gating, budget=budget,
         budget_mode=budget_mode, max_active=max_active, token_weighting=token_weighting,
     )
     cfg.validate()
     try:
         with _Bars() as bars:
-            result = run_convert(model, out, cfg, [str(c) for c in calib or []], overwrite=overwrite, log=_log, progress=bars)
+            result = run_convert(model, out, cfg, [str(c) for c in calib or []], overwrite=overwrite, log=_log, progress=bars,
+                                 train_files=list(train_data) if train_data else None)
     except KeyboardInterrupt:
         raise InterruptedRun(
             f"interrupted; finished layers are saved in {work_dir_for(out)}; rerun the same command to resume"
@@ -181,6 +184,161 @@ def export_cmd(
     _log(f"exporting {model} as {fmt}")
     path = export_checkpoint(model, fmt, out, overwrite=overwrite, dtype=dtype)
     console.print(f"exported {fmt} -> {path}")
+
+
+def _parse_lr_groups(items: list[str] | None, freeze: list[str] | None) -> dict[str, float]:
+    lrs: dict[str, float] = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        try:
+            lrs[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--lr-group takes GROUP=RATE, got {item!r}") from None
+    for name in freeze or []:
+        lrs[name.strip()] = 0.0
+    return lrs
+
+
+class _TrainBar:
+    """A progress bar with tokens/s, ETA and the current KL."""
+
+    def __init__(self) -> None:
+        from rich.progress import TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"), console=console,
+        )
+        self.task: Any = None
+
+    def __enter__(self) -> "_TrainBar":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        info = f"{row['tokens_per_s']:.0f} tok/s  KL {row['kl']:.4f}"
+        if "val_kl" in row:
+            info += f"  held-out KL {row['val_kl']:.4f} PPL {row['val_ppl']:.2f}"
+        if self.task is None:
+            self.task = self.progress.add_task("train", total=row["steps"], info=info)
+        self.progress.update(self.task, completed=row["step"], total=row["steps"], info=info)
+
+
+@app.command()
+def train(
+    ckpt: Annotated[Path, typer.Argument(help="A moefy checkpoint (the output of moefy convert or moefy train).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.")],
+    teacher: Annotated[Optional[str], typer.Option(help="The dense model (as for convert); default: the checkpoint's recorded source.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Training text: files, globs, directories, .jsonl/.parquet/.arrow, or moefy tokenize shards; repeatable. None: sampled from the teacher.")] = None,
+    val_data: Annotated[Optional[list[str]], typer.Option("--val-data", help="Held-out text (default: the first --val-sequences of --data, never trained on).")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help="Training tokens (all processes together).")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Sequence length.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per process and micro-batch.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
+    lr_scale: Annotated[Optional[float], typer.Option("--lr-scale", help="Multiply every group's learning rate.")] = None,
+    lr_group: Annotated[Optional[list[str]], typer.Option("--lr-group", help="GROUP=RATE (experts, routers, assignment, attention, norms, embeddings, lm_head, other); repeatable.")] = None,
+    freeze: Annotated[Optional[list[str]], typer.Option("--freeze", help="Freeze a parameter group; repeatable.")] = None,
+    kl_weight: Annotated[Optional[float], typer.Option(help="Weight of KL(teacher || student).")] = None,
+    ce_weight: Annotated[Optional[float], typer.Option(help="Weight of the LM cross-entropy.")] = None,
+    z_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the router z-loss.")] = None,
+    balance_weight: Annotated[Optional[float], typer.Option(help="Weight of the load-balance loss.")] = None,
+    learn_assignment: Annotated[Optional[bool], typer.Option("--learn-assignment/--freeze-assignment", help="Train the Sinkhorn assignment (default: when the checkpoint's method is dot).")] = None,
+    tau_start: Annotated[Optional[float], typer.Option(help="Sinkhorn temperature at the start.")] = None,
+    tau_end: Annotated[Optional[float], typer.Option(help="Sinkhorn temperature when the assignment freezes.")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Held-out evaluation every N steps.")] = None,
+    val_sequences: Annotated[Optional[int], typer.Option(help="Held-out sequences.")] = None,
+    keep_best: Annotated[Optional[bool], typer.Option("--keep-best/--keep-last", help="Export the state with the lowest held-out KL, or the last.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Resumable checkpoint every N steps.")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPU) | no | bf16 | fp16")] = None,
+    num_processes: Annotated[int, typer.Option(help="Data-parallel processes on this machine (gloo on CPU, NCCL on GPUs); or use accelerate launch.")] = 1,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (train: settings, data, teacher, val_data); flags override it.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Recovery training: continue training a moefy checkpoint against its dense teacher."""
+    from .training.config import TrainConfig, load_recipe
+    from .training.run import launch_processes, run_train, work_dir_for
+
+    if num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        argv = [a for a in sys.argv[1:]]
+        cleaned: list[str] = []
+        skip = False
+        for a in argv:
+            if skip:
+                skip = False
+                continue
+            if a == "--num-processes":
+                skip = True
+                continue
+            if a.startswith("--num-processes="):
+                continue
+            cleaned.append(a)
+        raise typer.Exit(launch_processes(cleaned, num_processes))
+    settings: dict[str, Any] = {}
+    if recipe is not None:
+        r = load_recipe(recipe)
+        settings.update(r.get("train", {}) or {})
+        data = data or r.get("data")
+        val_data = val_data or r.get("val_data")
+        teacher = teacher or r.get("teacher")
+    flags = dict(tokens=tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr_scale=lr_scale,
+                 kl_weight=kl_weight, ce_weight=ce_weight, z_loss_weight=z_loss_weight, balance_weight=balance_weight,
+                 learn_assignment=learn_assignment, tau_start=tau_start, tau_end=tau_end, warmup_steps=warmup_steps,
+                 eval_every=eval_every, val_sequences=val_sequences, keep_best=keep_best, checkpoint_every=checkpoint_every,
+                 gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, seed=seed)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    group_lrs = _parse_lr_groups(lr_group, freeze)
+    if group_lrs:
+        settings["lrs"] = {**(settings.get("lrs") or {}), **group_lrs}
+    cfg = TrainConfig.from_dict(settings)
+    cfg.validate()
+    try:
+        with _TrainBar() as bar:
+            res = run_train(ckpt, out, cfg, [str(d) for d in data or []] or None, teacher=teacher,
+                            val_data=[str(v) for v in val_data or []] or None, overwrite=overwrite, log=_log, report=bar)
+    except KeyboardInterrupt:
+        raise InterruptedRun(f"interrupted; progress is saved in {work_dir_for(out)}; rerun the same command to resume") from None
+    entry = res.record["training"][-1] if "training" in res.record else None
+    if entry is not None:
+        table = Table(title=f"moefy train -> {res.out}")
+        table.add_column("step")
+        table.add_column("tokens", justify="right")
+        table.add_column("held-out KL", justify="right")
+        table.add_column("held-out PPL", justify="right")
+        tps = cfg.seq_len * cfg.batch_size * cfg.grad_accum * entry["processes"]
+        for h in entry["history"]:
+            mark = " (kept)" if h["step"] == entry["kept_step"] else ""
+            table.add_row(f"{h['step']}{mark}", str(h["step"] * tps), f"{h['val_kl']:.4f}", f"{h['val_ppl']:.2f}")
+        console.print(table)
+        _log(f"{entry['tokens']} tokens in {entry['seconds']:.0f} s ({entry['tokens_per_second']:.1f} tokens/s), "
+             f"peak RSS {entry['peak_rss_mib']:.0f} MiB")
+
+
+@app.command()
+def tokenize(
+    model: Annotated[str, typer.Argument(help="Model (or checkpoint) whose tokenizer to use.")],
+    data: Annotated[list[str], typer.Argument(help="Text files, globs, directories, .jsonl/.parquet/.arrow.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder of memory-mapped token shards.")],
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 1 << 26,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
+) -> None:
+    """Tokenize text once into memory-mapped shards that moefy train --data reads directly."""
+    from transformers import AutoTokenizer
+
+    from .models import load
+    from .training.data import write_token_shards
+
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    p = Path(model)
+    tok = AutoTokenizer.from_pretrained(str(p)) if p.is_dir() else load(model).tokenizer
+    index = write_token_shards(tok, data, out, shard_tokens=shard_tokens)
+    console.print(f"{index['tokens']} tokens in {len(index['shards'])} shard(s) -> {out}")
 
 
 def _eval_one(

@@ -49,19 +49,22 @@ class ConvertConfig:
     token_weighting: str = "none"
     token_clip: float = 16.0
     lr_weights: float = 1e-4
-    # end-to-end training
+    # end-to-end stage: recovery training (moefy.training) of the whole network against the
+    # dense model, on the calibration files past the calibration tokens (or --train-data)
     e2e_steps: int = 100
     e2e_batch: int = 4
-    e2e_lr_affinity: float = 0.02
+    e2e_lr_affinity: float = 0.05
     e2e_lr_router: float = 1e-3
-    e2e_lr_weights: float = 0.0
+    e2e_lr_weights: float = 1e-4  # expert gate/up/down
+    e2e_lr_rest: float = 1e-4  # attention, norms, LM head (embeddings stay frozen)
     e2e_checkpoint_every: int = 25
-    # end-to-end keep-best: KL on this many held-out calibration sequences every e2e_eval_every
-    # steps; the best state (the layer-wise result included) is kept. 0 disables it.
+    # end-to-end keep-best: KL on this many held-out sequences (taken from the training text,
+    # never trained on, disjoint from the calibration tokens) every e2e_eval_every steps; the
+    # best state (the layer-wise result included) is kept. 0 disables it.
     e2e_val_sequences: int = 4
     e2e_eval_every: int = 10
     kl_weight: float = 1.0
-    ce_weight: float = 0.1
+    ce_weight: float = 0.0
     layers: list[int] | None = field(default=None)
     # routing (SoftMoE): "topk" (hard top-k, STE) or "lapsum" (truncated LapSum soft top-k)
     router: str = "topk"

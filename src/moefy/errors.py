@@ -76,5 +76,11 @@ class ExportRefusedError(MoefyError):
     exit_code = 15
 
 
+class TeacherMismatchError(MoefyError):
+    """The teacher is not the dense model the student was converted from (vocabulary, shape)."""
+
+    exit_code = 16
+
+
 class InterruptedRun(MoefyError):
     exit_code = 130

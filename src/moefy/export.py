@@ -110,8 +110,23 @@ model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
 |---|---|
 {rows}
 
+{_training_card(record)}
 `moefy.json` holds the full record: per-layer expert sizes, neuron indices, losses and timings.
 """
+
+
+def _training_card(record: dict[str, Any]) -> str:
+    runs = record.get("training") or []
+    if not runs:
+        return ""
+    lines = ["## Recovery training", "| run | teacher | data | tokens | steps | kept step | held-out KL | held-out PPL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for n, r in enumerate(runs, 1):
+        kept = next((h for h in r.get("history", []) if h["step"] == r.get("kept_step")), None) or (r.get("history") or [{}])[-1]
+        kl, ppl = kept.get("val_kl"), kept.get("val_ppl")
+        lines.append(f"| {n} | {r.get('teacher')} | {r.get('data')} | {r.get('tokens')} | {r.get('steps')} | "
+                     f"{r.get('kept_step')} | {kl if kl is None else f'{kl:.4f}'} | {ppl if ppl is None else f'{ppl:.2f}'} |")
+    return "\n".join(lines) + "\n\n`metrics.jsonl` has the curve of the last run; `recovery.png` plots it.\n"
 
 
 def prepare_output(out: str | Path, overwrite: bool) -> Path:
@@ -142,11 +157,15 @@ def atomic_write_dir(out: Path, writer: Any, overwrite: bool) -> Path:
 
 
 def save_checkpoint(
-    model: MoefyForCausalLM, tokenizer: Any, out: str | Path, record: dict[str, Any], overwrite: bool = False
+    model: MoefyForCausalLM, tokenizer: Any, out: str | Path, record: dict[str, Any], overwrite: bool = False,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
-    """Write config, safetensors weights, tokenizer, modeling code, ``moefy.json`` and a model card."""
+    """Write config, safetensors weights, tokenizer, modeling code, ``moefy.json`` and a model card
+    (plus ``extra_files``: name in the checkpoint -> file to copy, e.g. training metrics)."""
 
     def write(tmp: Path) -> None:
+        for name, src in (extra_files or {}).items():
+            shutil.copy2(src, tmp / name)
         model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

@@ -1,0 +1,279 @@
+"""``moefy train``: one recovery-training job end to end, resumable.
+
+load the checkpoint and its teacher -> check they match -> data (files, shards or sampled from
+the teacher) -> :func:`moefy.training.trainer.train` -> export -> an atomic checkpoint with
+``moefy.json`` (the training appended to the conversion record), ``metrics.jsonl`` and
+``recovery.png``. Progress lives in ``.<out>.moefy-work/`` beside the output; rerunning the
+same command continues from the last checkpointed step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import ConfigError, ModelNotFoundError, OutputExistsError, TeacherMismatchError
+from ..export import save_checkpoint
+from ..hf.modeling_moefy import MoefyForCausalLM
+from .config import TrainConfig
+from .data import PackedData, resolve_sources, sample_data_free
+from .student import Student, build_student, export_student
+from .trainer import Log, Report, Teacher, TrainOutcome, TrainState, make_accelerator, plot_curve, train
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    record: dict[str, Any]
+    outcome: TrainOutcome
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.moefy-work"
+
+
+def _file_id(p: Path) -> Any:
+    if p.is_dir():
+        return sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file())
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(ckpt: Path, teacher: str, cfg: TrainConfig, data: list[Path], val: list[Path]) -> str:
+    blob = json.dumps({
+        "ckpt": str(ckpt), "ckpt_files": _file_id(ckpt), "teacher": teacher, "cfg": cfg.to_dict(),
+        "data": [(str(p), _file_id(p)) for p in data], "val": [(str(p), _file_id(p)) for p in val], "v": __version__,
+    }, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_teacher(student: torch.nn.Module, s_tok: Any, teacher: torch.nn.Module, t_tok: Any, spec: str) -> None:
+    """The teacher must be the dense model the student was made from: same vocabulary and
+    tokenizer, same architecture family and shape."""
+    sc, tc = student.config, teacher.config
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers"):
+        if getattr(sc, key, None) != getattr(tc, key, None):
+            raise TeacherMismatchError(
+                f"teacher {spec} does not match the student: {key} {getattr(tc, key, None)} vs {getattr(sc, key, None)}"
+            )
+    if sc.model_type != tc.model_type:
+        raise TeacherMismatchError(f"teacher {spec} is a {tc.model_type} model; the student was converted from {sc.model_type}")
+    if hasattr(s_tok, "get_vocab") and hasattr(t_tok, "get_vocab") and s_tok.get_vocab() != t_tok.get_vocab():
+        raise TeacherMismatchError(f"teacher {spec} has another tokenizer vocabulary than the student")
+
+
+def load_student(ckpt: Path) -> tuple[MoefyForCausalLM, Any, dict[str, Any]]:
+    from ..models import load
+
+    if not ckpt.is_dir():
+        raise ModelNotFoundError(f"checkpoint not found: {ckpt}")
+    rec_path = ckpt / "moefy.json"
+    if not rec_path.is_file():
+        raise ConfigError(f"{ckpt} is not a moefy checkpoint (no moefy.json); convert it first with moefy convert")
+    loaded = load(str(ckpt))
+    if not isinstance(loaded.model, MoefyForCausalLM):
+        raise ConfigError(f"{ckpt} does not load as a moefy MoE model")
+    return loaded.model, loaded.tokenizer, json.loads(rec_path.read_text())
+
+
+def training_entry(cfg: TrainConfig, outcome: TrainOutcome, teacher: str, data_desc: str, val_desc: str, world: int) -> dict[str, Any]:
+    return {
+        "teacher": teacher, "data": data_desc, "held_out": val_desc, "tokens": outcome.tokens, "steps": outcome.steps,
+        "kept_step": outcome.best_step if outcome.best_step is not None else outcome.steps,
+        "history": outcome.history, "neurons_moved": {str(k): v for k, v in outcome.neurons_moved.items()},
+        "neurons_moved_total": sum(outcome.neurons_moved.values()),
+        "tokens_per_second": round(outcome.tokens_per_second, 2), "peak_rss_mib": round(outcome.peak_rss_mib, 1),
+        "peak_gpu_mib": outcome.peak_gpu_mib, "seconds": round(outcome.seconds, 1), "processes": world,
+        "config": cfg.to_dict(),
+    }
+
+
+def finish(
+    student: Student, tok: Any, record: dict[str, Any], entry: dict[str, Any], out: Path, overwrite: bool,
+    metrics: Path | None, tokens_per_step: int,
+) -> dict[str, Any]:
+    """Export the trained student and write the checkpoint (one atomic directory)."""
+    moe, provenance = export_student(student)
+    record = dict(record)
+    layers = [dict(layer) for layer in record.get("layers", [])]
+    for k, layer in enumerate(layers):
+        if k < len(provenance):
+            layer["neurons"] = provenance[k]
+    record["layers"] = layers
+    record["training"] = list(record.get("training", [])) + [entry]
+    extra: dict[str, Path] = {}
+    if metrics is not None and metrics.is_file():
+        extra["metrics.jsonl"] = metrics
+        if entry["history"]:
+            png = metrics.with_name("recovery.png")
+            plot_curve(entry["history"], tokens_per_step, png, f"{record.get('name', 'moefy')}: recovery")
+            extra["recovery.png"] = png
+    save_checkpoint(moe, tok, out, record, overwrite=overwrite, extra_files=extra)
+    return record
+
+
+def run_train(
+    ckpt: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    data: list[str] | None,
+    teacher: str | None = None,
+    val_data: list[str] | None = None,
+    overwrite: bool = False,
+    log: Log = print,
+    report: Report | None = None,
+) -> TrainResult:
+    from ..models import load
+
+    t0 = time.time()
+    out, ckpt = Path(out), Path(ckpt)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    cfg.validate()
+    files = resolve_sources(list(data)) if data else []  # fail on bad paths before loading models
+    val_files = resolve_sources(list(val_data)) if val_data else []
+    model, tok, record = load_student(ckpt)
+    teacher_spec = teacher or record.get("source")
+    if not teacher_spec:
+        raise ConfigError("no --teacher given and the checkpoint does not record its dense source")
+    t_loaded = load(teacher_spec)
+    check_teacher(model.model, tok, t_loaded.model, t_loaded.tokenizer, teacher_spec)
+    learn = cfg.learn_assignment if cfg.learn_assignment is not None else record.get("method") == "dot"
+    student = build_student(model, learn, neurons=[layer.get("neurons") for layer in record.get("layers", [])],
+                            rounding=record.get("config", {}).get("rounding", "greedy"), margin=cfg.affinity_margin)
+    accelerator = make_accelerator(cfg)
+    work = TrainState(work_dir_for(out), fingerprint(ckpt, teacher_spec, cfg, files, val_files))
+    if accelerator.is_main_process:
+        resuming = work.open()
+    accelerator.wait_for_everyone()
+    if not files:
+        cache = work.path / "data_free"
+        if accelerator.is_main_process:
+            sample_data_free(t_loaded.model, tok, cfg.tokens + cfg.val_sequences * cfg.seq_len, cfg.seq_len, cache, cfg.seed, log=log)
+        accelerator.wait_for_everyone()
+        specs, data_desc = [str(cache)], f"data-free: {cfg.tokens} tokens sampled from the teacher (seed {cfg.seed})"
+        log(f"no --data given: training on text sampled from the teacher ({data_desc})")
+    else:
+        specs, data_desc = [str(f) for f in files], ", ".join(str(f) for f in files)
+    stream = PackedData(tok, specs, cfg.seq_len, seed=cfg.seed, val_sequences=0 if val_files else cfg.val_sequences,
+                        shuffle_window=cfg.shuffle_window)
+    if val_files:
+        held = PackedData(tok, [str(f) for f in val_files], cfg.seq_len, seed=cfg.seed, val_sequences=cfg.val_sequences)
+        stream.val_rows = held.val_rows  # type: ignore[method-assign]
+        val_desc = f"first {cfg.val_sequences} sequences of {', '.join(str(f) for f in val_files)}"
+    else:
+        val_desc = f"first {cfg.val_sequences} sequences of the training data (never trained on)"
+    log(f"data: {data_desc}; held out: {val_desc}")
+    metrics = work.path / "metrics.jsonl"
+    outcome = train(student, Teacher(t_loaded.model), stream, cfg, work, accelerator, learn, log=log, report=report,
+                    metrics_path=metrics)
+    if learn:
+        log(f"assignment: {sum(outcome.neurons_moved.values())} neurons moved expert "
+            f"({', '.join(f'{i}:{n}' for i, n in outcome.neurons_moved.items())})")
+    entry = training_entry(cfg, outcome, teacher_spec, data_desc, val_desc, accelerator.num_processes)
+    if accelerator.is_main_process:
+        model.model.to("cpu")
+        record = finish(student, tok, record, entry, out, overwrite, metrics,
+                        cfg.seq_len * cfg.batch_size * cfg.grad_accum * accelerator.num_processes)
+        shutil.rmtree(work.path, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    record["wall_seconds_training"] = time.time() - t0
+    return TrainResult(out, record, outcome)
+
+
+def launch_processes(argv: list[str], n: int) -> int:
+    """Run this command in ``n`` processes through torch's launcher (``torchrun``): gloo on
+    CPU, NCCL on GPUs; accelerate reads the environment it sets."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "moefy.cli", *argv]
+    return subprocess.call(cmd, env=env)
+
+
+@dataclass
+class StageResult:
+    """What ``moefy convert --stage e2e|both`` records of its recovery training."""
+
+    losses: list[float]
+    val_kl: list[tuple[int, float]]
+    best_step: int | None
+    entry: dict[str, Any] | None = None
+
+
+def convert_stage(
+    model: torch.nn.Module, teacher_model: torch.nn.Module, tok: Any, ccfg: Any, calib_ids: torch.Tensor,
+    calib_files: list[str], train_files: list[str] | None, work_path: Path, log: Log, progress: Any,
+) -> tuple[MoefyForCausalLM, StageResult]:
+    """The end-to-end stage of ``moefy convert``: the layer-wise result trained by the same
+    trainer as ``moefy train``, on text past the calibration tokens (never the same tokens)."""
+    from ..export import to_moefy_model
+
+    tcfg = TrainConfig(
+        tokens=ccfg.e2e_steps * ccfg.e2e_batch * ccfg.seq_len, seq_len=ccfg.seq_len, batch_size=ccfg.e2e_batch,
+        lrs={"assignment": ccfg.e2e_lr_affinity, "routers": ccfg.e2e_lr_router, "experts": ccfg.e2e_lr_weights,
+             "attention": ccfg.e2e_lr_rest, "norms": ccfg.e2e_lr_rest, "lm_head": ccfg.e2e_lr_rest,
+             "other": ccfg.e2e_lr_rest, "embeddings": 0.0},
+        kl_weight=ccfg.kl_weight, ce_weight=ccfg.ce_weight, z_loss_weight=ccfg.z_loss_weight,
+        balance_weight=ccfg.balance_weight, val_sequences=ccfg.e2e_val_sequences, eval_every=ccfg.e2e_eval_every,
+        keep_best=ccfg.e2e_val_sequences > 0, checkpoint_every=ccfg.e2e_checkpoint_every, seed=ccfg.seed,
+        warmup_steps=min(10, max(0, ccfg.e2e_steps // 10)),
+        learn_budget=ccfg.router == "lapsum" and ccfg.budget_mode == "learned", total_budget=ccfg.budget,
+    )
+    tcfg.validate()
+    moe = to_moefy_model(model)
+    learn = ccfg.method == "dot"
+    student = build_student(moe, learn, rounding=ccfg.rounding, sinkhorn_iters=ccfg.sinkhorn_iters)
+    accelerator = make_accelerator(tcfg)
+    state = TrainState(work_path / "e2e", fingerprint_blob(tcfg))
+    state.open()
+    body = ccfg.seq_len - (1 if getattr(tok, "bos_token_id", None) is not None else 0)
+    if train_files:
+        specs, skip, desc = list(train_files), 0, ", ".join(train_files)
+    elif calib_files:
+        skip = int(calib_ids.shape[0]) * body + ccfg.seq_len  # past the calibration windows, with a margin
+        specs, desc = list(calib_files), f"{', '.join(calib_files)} after the first {skip} tokens (the calibration text)"
+    else:
+        cache = work_path / "e2e_data_free"
+        sample_data_free(teacher_model, tok, tcfg.tokens + tcfg.val_sequences * tcfg.seq_len, tcfg.seq_len, cache,
+                         ccfg.seed + 1, log=log)
+        specs, skip, desc = [str(cache)], 0, f"data-free: {tcfg.tokens} tokens sampled from the dense model (seed {ccfg.seed + 1})"
+    try:
+        data = PackedData(tok, specs, tcfg.seq_len, seed=tcfg.seed, val_sequences=tcfg.val_sequences, skip_tokens=skip,
+                          shuffle_window=tcfg.shuffle_window)
+    except Exception as exc:
+        from ..errors import CalibrationDataError
+
+        if isinstance(exc, CalibrationDataError) and calib_files and not train_files:
+            raise CalibrationDataError(
+                f"the end-to-end stage trains on the calibration files past the calibration tokens, and {exc}; "
+                "give --train-data or lower --calib-tokens"
+            ) from None
+        raise
+    log(f"end-to-end: training on {desc}")
+
+    def report(row: dict[str, Any]) -> None:
+        if progress is not None:
+            progress("end-to-end", row["step"], row["steps"])
+
+    outcome = train(student, Teacher(teacher_model), data, tcfg, state, accelerator, learn, log=log, report=report)
+    moe, _ = export_student(student)
+    val = [(int(h["step"]), float(h["val_kl"])) for h in outcome.history]
+    entry = training_entry(tcfg, outcome, "the dense model (in process)", desc,
+                           f"first {tcfg.val_sequences} sequences of the training text", 1)
+    return moe, StageResult(outcome.losses, val, outcome.best_step if tcfg.keep_best else None, entry)
+
+
+def fingerprint_blob(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
