@@ -29,15 +29,23 @@ Representability, in short (details in each ``*_refusal`` function):
   router takes ``softmax`` over all experts then top-k, renormalised if ``norm_topk_prob``:
   moefy ``softmax`` (``norm_topk_prob=false``), ``softmax-renorm`` (``true``) and ``mask`` with
   ``top_k == 1`` (``true``) are exact.  Unconverted layers become ``mlp_only_layers``.
+* A GGUF carries the tokenizer as llama.cpp's ``convert_hf_to_gguf.py`` writes it: SentencePiece
+  BPE vocabularies as ``llama`` (real scores and token types), byte-level BPE as ``gpt2`` (types,
+  merges and the ``tokenizer.ggml.pre`` llama.cpp knows the pre-tokenizer by), and only when
+  llama.cpp's tokenizer then splits text as the HF tokenizer does (see :func:`gguf_vocab`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -488,40 +496,381 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_vocab(src_dir: Path | None, vocab_size: int) -> tuple[str, list[bytes], list[float], list[int], list[str]]:
-    """Tokenizer model name, tokens, scores, token types and BPE merges from ``src_dir``."""
+# --------------------------------------------------------------------------- gguf vocabulary
+# The tokenizer travels in the GGUF as llama.cpp's own converter (convert_hf_to_gguf.py) writes it,
+# and only when llama.cpp's tokenizer then splits text exactly as the checkpoint's HF tokenizer:
+#
+# * ``llama`` (SPM): a SentencePiece-style BPE vocabulary (Metaspace ``▁``, byte fallback).  llama.cpp
+#   merges the adjacent pair whose concatenation is the highest-*scoring* token; the HF tokenizer
+#   merges the pair of lowest *rank* in its merges list.  Scores are SentencePiece's own (from
+#   ``tokenizer.model``) or, without it, derived from the merges; either way they are checked to order
+#   every pair exactly as the merges do (see :func:`_spm_merge_refusal`).
+# * ``gpt2`` (byte-level BPE): tokens, types and merges as in ``tokenizer.json``; the pre-tokenizer
+#   (the regex that splits text before BPE) is named, as llama.cpp does, by the hash of the token ids
+#   of a fixed test string.  An unknown hash is refused: llama.cpp would split text differently.
+#
+# Anything else (Unigram, WordPiece, ...) is refused.
+# The test string and hashes are llama.cpp's (convert_hf_to_gguf.py ``get_vocab_base_pre``).
+GGUF_CHKTXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 "
+    "3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на "
+    "Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, "
+    "'D you like some tea? We'Ve a'lL"
+)
+# sha256(str(tokenizer.encode(GGUF_CHKTXT))) -> (tokenizer.ggml.pre, whether llama.cpp sets ignore_merges for it);
+# the pre-tokenizers of LLaMA-architecture models (the only ones the gguf writer exports)
+GGUF_PRE_TOKENIZERS = {
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": ("llama-bpe", True),  # Llama 3
+    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": ("smaug-bpe", False),  # Smaug-Llama-3
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": ("smollm", False),  # SmolLM, SmolLM2
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": ("gpt-2", False),  # GPT-2
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": ("tekken", True),  # Mistral Nemo
+}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+_NO_SCORES = (-1000.0, 0.0)  # scores of added/padding tokens and of control/unknown/byte tokens (as SentencePiece)
+
+
+@dataclass
+class GgufVocab:
+    """What ``write_gguf`` stores under ``tokenizer.ggml.*``."""
+
+    model: str = "no_vocab"  # tokenizer.ggml.model: "llama" (SPM), "gpt2" (byte-level BPE) or "no_vocab"
+    pre: str | None = None  # tokenizer.ggml.pre
+    tokens: list[bytes] = field(default_factory=list)
+    types: list[int] = field(default_factory=list)  # gguf.TokenType
+    scores: list[float] | None = None  # SPM only
+    merges: list[str] = field(default_factory=list)  # BPE only, "left right"
+    add_space_prefix: bool | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, pad
+    chat_template: str | None = None
+
+
+def _vocab_refusal(msg: str) -> ExportRefusedError:
+    return ExportRefusedError(f"gguf export cannot store this tokenizer exactly: {msg}")
+
+
+def _proto_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
+    """(field number, value) of one protobuf message (varints and length-delimited bytes)."""
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        out = shift = 0
+        while True:
+            b = buf[i]
+            i += 1
+            out |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return out
+
+    while i < len(buf):
+        key = varint()
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            yield num, varint()
+        elif wire == 2:
+            n = varint()
+            yield num, buf[i:i + n]
+            i += n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            yield num, buf[i:i + n]
+            i += n
+        else:
+            raise ValueError(f"protobuf wire type {wire}")
+
+
+def _sentencepiece_model(path: Path) -> tuple[Any, list[int], dict[str, Any]]:
+    """A SentencePiece processor for ``path``, its pieces' types (``ModelProto.SentencePiece.Type``,
+    numbered as ``gguf.TokenType``) and the trainer/normaliser settings llama.cpp depends on."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(str(path))
+    raw = path.read_bytes()
+    types: list[int] = []
+    spec = {"model_type": 1, "byte_fallback": False, "treat_whitespace_as_suffix": False}  # proto defaults
+    for num, value in _proto_fields(raw):
+        if num == 1:  # pieces
+            types.append(dict(_proto_fields(value)).get(3, 1))
+        elif num == 2:  # trainer_spec
+            t = dict(_proto_fields(value))
+            spec.update(model_type=t.get(3, 1), byte_fallback=bool(t.get(35, 0)), treat_whitespace_as_suffix=bool(t.get(24, 0)))
+    if len(types) != sp.vocab_size():
+        raise ValueError(f"{len(types)} pieces in the proto, {sp.vocab_size()} in sentencepiece")
+    return sp, types, spec
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    """Every component of a tokenizers (pre-)tokenizer/normaliser spec, ``Sequence`` members included."""
+    if isinstance(node, dict):
+        yield node
+        for key in ("pretokenizers", "normalizers"):
+            for child in node.get(key) or []:
+                yield from _walk(child)
+
+
+def _spm_space_prefix(tj: dict[str, Any]) -> bool:
+    """Whether the HF tokenizer puts ``▁`` before the text; refuse any normalisation but the
+    escaping of spaces as ``▁``, which is all llama.cpp's SPM tokenizer does."""
+    norm, pre = tj.get("normalizer"), tj.get("pre_tokenizer")
+    norms = [n for n in _walk(norm) if n.get("type") != "Sequence"]
+    pres = [p for p in _walk(pre) if p.get("type") != "Sequence"]
+    if not norms and len(pres) == 1 and pres[0].get("type") == "Metaspace":
+        meta = pres[0]
+        if meta.get("replacement") != "▁" or meta.get("split", True):
+            raise _vocab_refusal(f"Metaspace pre-tokenizer {json.dumps(meta)} (llama.cpp's SPM tokenizer neither splits at ▁ nor uses another replacement)")
+        scheme = meta.get("prepend_scheme", "always" if meta.get("add_prefix_space", True) else "never")
+        # "first" and "always" differ only after a special token written inside the text (llama.cpp: "always")
+        return scheme != "never"
+    kinds = [n.get("type") for n in norms]
+    if not pres and kinds in (["Prepend", "Replace"], ["Replace"]):
+        prepend = norms[0] if kinds[0] == "Prepend" else None
+        replace = norms[-1]
+        if replace.get("pattern") == {"String": " "} and replace.get("content") == "▁" and (prepend is None or prepend.get("prepend") == "▁"):
+            return prepend is not None
+    raise _vocab_refusal(
+        f"normaliser {json.dumps(norm)} / pre-tokenizer {json.dumps(pre)}: llama.cpp's SPM tokenizer only escapes spaces as ▁"
+    )
+
+
+def _bpe_parts(tj: dict[str, Any]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    model = tj["model"]
+    for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise _vocab_refusal(f"BPE {key}={model[key]!r} (llama.cpp has no such affixes)")
+    if model.get("dropout"):
+        raise _vocab_refusal(f"BPE dropout={model['dropout']} (llama.cpp's BPE is deterministic)")
+    merges = []
+    for m in model.get("merges") or []:
+        pair = tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+        if len(pair) != 2 or any(not p or " " in p for p in pair):
+            raise _vocab_refusal(f"BPE merge {m!r} cannot be written as llama.cpp's 'left right'")
+        merges.append(pair)
+    return dict(model["vocab"]), merges
+
+
+def _token_table(tj: dict[str, Any], vocab: dict[str, int], unk: str | None) -> tuple[dict[int, str], dict[int, int]]:
+    """id -> token text and id -> type of every id the tokenizer defines (added tokens as llama.cpp's
+    ``get_vocab_base``: special -> CONTROL, unknown -> UNKNOWN, others -> USER_DEFINED)."""
     import gguf
 
-    if src_dir is None or not ((src_dir / "tokenizer.model").is_file() or (src_dir / "tokenizer.json").is_file()):
-        return "no_vocab", [], [], [], []
-    vocab: Any = None
-    model_name, merges = "llama", []
-    if (src_dir / "tokenizer.model").is_file():
+    text = {i: t for t, i in vocab.items()}
+    types = {i: int(gguf.TokenType.NORMAL) for i in text}
+    for added in tj.get("added_tokens") or []:
+        i, content = int(added["id"]), added["content"]
+        if i in text and text[i] != content:
+            raise _vocab_refusal(f"added token {content!r} replaces {text[i]!r} at id {i}")
+        text[i] = content
+        if content == unk:
+            types[i] = int(gguf.TokenType.UNKNOWN)
+        elif added.get("special") or (content.startswith("<|") and content.endswith("|>")):
+            types[i] = int(gguf.TokenType.CONTROL)
+        else:
+            types[i] = int(gguf.TokenType.USER_DEFINED)
+    return text, types
+
+
+def _spm_merge_refusal(tokens: list[str], types: list[int], scores: list[float], merges: list[tuple[str, str]]) -> str | None:
+    """Why llama.cpp's score-ordered pair merging (with these scores) would not reproduce the HF
+    tokenizer's rank-ordered merges, or None.  Exactness needs (1) every pair llama.cpp may merge -
+    two adjacent symbols (vocabulary tokens or single characters) whose concatenation is a token - to
+    be an HF merge, (2) the merges ranked in strictly decreasing score of their result, the merges of
+    one result adjacent, and (3) no two merges of one result that can compete for a shared middle
+    symbol (there llama.cpp takes the leftmost, HF the lower rank)."""
+    import gguf
+
+    ids = {t: i for i, t in enumerate(tokens)}
+    mergeable = (int(gguf.TokenType.NORMAL), int(gguf.TokenType.BYTE))
+    merge_set = set(merges)
+    for t, i in ids.items():
+        if types[i] not in mergeable:
+            continue  # added tokens are matched in the text before any merging
+        for k in range(1, len(t)):
+            left, right = t[:k], t[k:]
+            if (left in ids or len(left) == 1) and (right in ids or len(right) == 1) and (left, right) not in merge_set:
+                return f"llama.cpp can merge {left!r} + {right!r} into token {i} {t!r}, which the HF tokenizer's merges never do"
+    groups: list[str] = []
+    splits: dict[str, list[tuple[str, str]]] = {}
+    for left, right in merges:
+        result = left + right
+        if result not in ids:
+            return f"merge {left!r} + {right!r} gives {result!r}, not a token"
+        if not groups or groups[-1] != result:
+            if result in splits:
+                return f"the merges into {result!r} are not adjacent in rank (llama.cpp gives one score per token)"
+            groups.append(result)
+            splits[result] = []
+        splits[result].append((left, right))
+    for a, b in zip(groups, groups[1:]):
+        if not scores[ids[a]] > scores[ids[b]]:
+            return f"token {a!r} (score {scores[ids[a]]}) is merged before {b!r} (score {scores[ids[b]]}); llama.cpp would not keep that order"
+    for result, pairs in splits.items():
+        for left1, right1 in pairs:
+            for left2, right2 in pairs:
+                if (left1, right1) != (left2, right2) and right1 == left2:
+                    return f"merges {left1!r} + {right1!r} and {left2!r} + {right2!r} can compete for one symbol"
+    return None
+
+
+def _hf_specials(tok: Any, tokens: list[bytes], cfg: Any) -> tuple[dict[str, int], bool, bool]:
+    """Special ids, and whether the HF tokenizer adds BOS / EOS (checked by encoding)."""
+    special: dict[str, int] = {}
+    for name in ("bos", "eos", "unk", "pad"):
+        v = getattr(tok, f"{name}_token_id", None)
+        if v is None and name in ("bos", "eos", "pad"):
+            v = getattr(cfg, f"{name}_token_id", None)
+        if isinstance(v, int) and 0 <= v < len(tokens):
+            special[name] = v
+    plain = tok.encode("a b", add_special_tokens=False)
+    full = tok.encode("a b")
+    add_bos = len(full) > len(plain) and full[0] == special.get("bos", -1) and full[1:1 + len(plain)] == plain
+    add_eos = len(full) > len(plain) and full[-1] == special.get("eos", -1) and full[len(full) - len(plain) - 1:-1] == plain
+    if full != [special.get("bos", -1)] * add_bos + plain + [special.get("eos", -1)] * add_eos:
+        raise _vocab_refusal(f"its post-processor adds {full} around {plain}; llama.cpp only adds BOS and/or EOS")
+    return special, add_bos, add_eos
+
+
+def _load_hf_tokenizer(src_dir: Path | None, tokenizer: Any) -> tuple[Any, Path | None]:
+    """The HF tokenizer to reproduce (the one given, or ``src_dir``'s) and its ``tokenizer.model``."""
+    if tokenizer is None:
+        if src_dir is None or not any((src_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            return None, None
+        from transformers import AutoTokenizer
+
         try:
-            vocab = gguf.SentencePieceVocab(src_dir)
-        except Exception:  # noqa: BLE001 - fall back to tokenizer.json
-            vocab = None
-    if vocab is None and (src_dir / "tokenizer.json").is_file():
-        try:
-            vocab = gguf.LlamaHfVocab(src_dir)
-        except (FileNotFoundError, TypeError):
-            vocab = gguf.BpeVocab(src_dir)
-            model_name = "gpt2"
-            merges = gguf.SpecialVocab(src_dir, load_merges=True).merges
-    if vocab is None:
-        return "no_vocab", [], [], [], []
-    tokens, scores, types = [], [], []
-    for text, score, typ in vocab.all_tokens():
-        tokens.append(bytes(text))
-        scores.append(float(score))
-        types.append(int(typ))
-    if len(tokens) > vocab_size:
-        raise ExportRefusedError(f"the tokenizer has {len(tokens)} tokens but the model's vocabulary is {vocab_size}")
-    for i in range(len(tokens), vocab_size):  # as convert_hf_to_gguf pads a short vocabulary
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(int(gguf.TokenType.UNUSED))
-    return model_name, tokens, scores, types, merges
+            tokenizer = AutoTokenizer.from_pretrained(str(src_dir), trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - any loader failure is one line
+            raise ExportRefusedError(f"gguf export cannot read the tokenizer in {src_dir}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    spm: Path | None = None
+    for cand in ((src_dir / "tokenizer.model") if src_dir is not None else None, getattr(tokenizer, "vocab_file", None)):
+        if cand is not None and str(cand).endswith(".model") and Path(cand).is_file():
+            spm = Path(cand)
+            break
+    return tokenizer, spm
+
+
+def gguf_vocab(src_dir: str | Path | None, vocab_size: int, tokenizer: Any = None, cfg: Any = None) -> GgufVocab:
+    """The GGUF tokenizer of ``tokenizer`` (or of the HF tokenizer in ``src_dir``), padded to the
+    model's ``vocab_size`` with UNUSED ``[PAD{i}]`` tokens as ``convert_hf_to_gguf`` pads; refuses
+    (:class:`ExportRefusedError`, one line) any tokenizer llama.cpp would not reproduce exactly."""
+    import gguf
+
+    src = Path(src_dir) if src_dir is not None else None
+    tok, spm_path = _load_hf_tokenizer(src, tokenizer)
+    if tok is None:
+        return GgufVocab()
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise _vocab_refusal(f"{type(tok).__name__} is not a fast (tokenizers) tokenizer, so its algorithm cannot be checked")
+    tj = json.loads(backend.to_str())
+    kind = tj["model"].get("type")
+    if kind != "BPE":
+        raise _vocab_refusal(
+            f"a {kind} model: llama.cpp's llama/gpt2 tokenizers are BPE (pairs merged by score or rank), "
+            + ("which segments text differently from Unigram's best-likelihood split" if kind == "Unigram" else "not this algorithm")
+        )
+    vocab, merges = _bpe_parts(tj)
+    gpt2 = not tj["model"].get("byte_fallback") and any(p.get("type") == "ByteLevel" for p in _walk(tj.get("pre_tokenizer")))
+    unk = getattr(tok, "unk_token", None)  # an UNKNOWN token in SPM vocabularies; gpt2 ones have none (convert_hf_to_gguf)
+    text, types_by_id = _token_table(tj, vocab, unk if isinstance(unk, str) and not gpt2 else None)
+    n = max(text) + 1 if text else 0
+    if n > vocab_size:
+        raise ExportRefusedError(f"the tokenizer has {n} tokens but the model's vocabulary is {vocab_size}")
+    pad = int(gguf.TokenType.UNUSED)
+    names = [text.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    types = [types_by_id.get(i, pad) for i in range(vocab_size)]
+    dupes = [t for t, c in Counter(names).items() if c > 1]
+    if dupes:
+        raise _vocab_refusal(f"token text {sorted(dupes)[0]!r} appears at more than one id (llama.cpp maps text to one id)")
+    out = GgufVocab(tokens=[t.encode("utf-8") for t in names], types=types)
+    if gpt2:
+        out.model = "gpt2"
+        chk = tok.encode(GGUF_CHKTXT)
+        digest = hashlib.sha256(str(chk).encode()).hexdigest()
+        if digest not in GGUF_PRE_TOKENIZERS:
+            raise _vocab_refusal(
+                f"its BPE pre-tokenizer is not one llama.cpp knows (convert_hf_to_gguf hash {digest}; known: "
+                f"{', '.join(name for name, _ in GGUF_PRE_TOKENIZERS.values())})"
+            )
+        out.pre, ignore_merges = GGUF_PRE_TOKENIZERS[digest]
+        if bool(tj["model"].get("ignore_merges")) != ignore_merges:
+            raise _vocab_refusal(f"ignore_merges={bool(tj['model'].get('ignore_merges'))} but llama.cpp's {out.pre!r} uses {ignore_merges}")
+        out.merges = [f"{a} {b}" for a, b in merges]
+        out.add_space_prefix = False
+    else:
+        out.model, out.pre = "llama", "default"
+        if not tj["model"].get("byte_fallback"):
+            raise _vocab_refusal("SentencePiece-style BPE without byte fallback (llama.cpp's SPM tokenizer has no <unk> for unknown characters)")
+        missing = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" not in vocab]
+        if missing:
+            raise _vocab_refusal(f"byte fallback without the byte token {missing[0]}")
+        out.add_space_prefix = _spm_space_prefix(tj)
+        for i, t in enumerate(names):
+            if types[i] == int(gguf.TokenType.NORMAL) and _BYTE_TOKEN.fullmatch(t):
+                types[i] = int(gguf.TokenType.BYTE)
+        if spm_path is not None:  # SentencePiece's own scores and piece types, as convert_hf_to_gguf
+            try:
+                sp, sp_types, spec = _sentencepiece_model(spm_path)
+            except Exception as exc:  # noqa: BLE001
+                raise _vocab_refusal(f"cannot read {spm_path}: {exc}") from None
+            if spec["model_type"] != 2:
+                raise _vocab_refusal(f"{spm_path.name} is a SentencePiece {('UNIGRAM', 'BPE', 'WORD', 'CHAR')[spec['model_type'] - 1]} model; llama.cpp's SPM tokenizer is BPE")
+            if spec["treat_whitespace_as_suffix"]:
+                raise _vocab_refusal(f"{spm_path.name} treats whitespace as a suffix")
+            if sp.vocab_size() > vocab_size:
+                raise ExportRefusedError(f"the tokenizer has {sp.vocab_size()} tokens but the model's vocabulary is {vocab_size}")
+            scores = [-1000.0] * vocab_size
+            for i in range(sp.vocab_size()):
+                piece = sp.IdToPiece(i)
+                if names[i] != piece:
+                    raise _vocab_refusal(f"{spm_path.name} has {piece!r} at id {i}, tokenizer.json {names[i]!r}")
+                scores[i] = float(sp.GetScore(i))
+                if types_by_id.get(i) == int(gguf.TokenType.NORMAL) or sp_types[i] != int(gguf.TokenType.NORMAL):
+                    types[i] = sp_types[i]  # unknown/control/user-defined/unused/byte from the model proto
+        else:  # scores from tokenizer.json's merges
+            scores = _scores_from_merges(names, types, merges)
+        reason = _spm_merge_refusal(names, types, scores, merges)
+        if reason:
+            raise _vocab_refusal(reason)
+        out.scores = scores
+    out.special_ids, out.add_bos, out.add_eos = _hf_specials(tok, out.tokens, cfg)
+    template = getattr(tok, "chat_template", None)
+    out.chat_template = template if isinstance(template, str) else None
+    return out
+
+
+def _scores_from_merges(names: list[str], types: list[int], merges: list[tuple[str, str]]) -> list[float]:
+    """SPM scores for a tokenizer.json without its ``tokenizer.model``.  Control, unknown and byte
+    tokens score 0, added and padding tokens -1000 (as SentencePiece and convert_hf_to_gguf).  When the
+    tokens produced by the merges come in increasing id order, as in a vocabulary converted from
+    SentencePiece, normal token ``i`` scores ``first - i`` (``first`` the lowest normal id):
+    SentencePiece's own BPE scores.  Otherwise the scores follow the merge ranks."""
+    import gguf
+
+    normal = int(gguf.TokenType.NORMAL)
+    scores = [0.0 if t in (int(gguf.TokenType.CONTROL), int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.BYTE)) else -1000.0 for t in types]
+    ids = {t: i for i, t in enumerate(names)}
+    order: list[int] = []
+    for a, b in merges:
+        i = ids.get(a + b)
+        if i is not None and (not order or order[-1] != i):
+            order.append(i)
+    normal_ids = [i for i, t in enumerate(types) if t == normal]
+    if not normal_ids:
+        return scores
+    if all(x < y for x, y in zip(order, order[1:])):
+        first = normal_ids[0]
+        for i in normal_ids:
+            scores[i] = float(first - i)
+    else:
+        rank = {i: r for r, i in reversed(list(enumerate(order)))}
+        for i in normal_ids:
+            scores[i] = float(-rank.get(i, len(order)))
+    return scores
 
 
 def gguf_tensors(model: MoefyForCausalLM, dtype: str = "f32") -> dict[str, Any]:
@@ -574,7 +923,7 @@ def write_gguf(
     m0 = moe_layers(model)[0]
     assert m0 is not None
     src = Path(src_dir) if src_dir is not None else None
-    tok_model, tokens, scores, types, merges = _gguf_vocab(src, cfg.vocab_size)
+    vocab = gguf_vocab(src, cfg.vocab_size, tokenizer, cfg)  # refuses before anything is written
     out = prepare_output(out, overwrite)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory; the gguf format writes one file (e.g. {out / 'model.gguf'})")
@@ -609,17 +958,23 @@ def write_gguf(
         w.add_expert_used_count(int(m0.top_k))
         w.add_expert_weights_norm(True)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
-        w.add_tokenizer_model(tok_model)
-        if tokens:
-            if tok_model == "gpt2":
-                w.add_tokenizer_pre("default")
-            w.add_token_list(tokens)
-            w.add_token_scores(scores)
-            w.add_token_types(types)
-            if merges:
-                w.add_token_merges(merges)
-            assert src is not None
-            gguf.SpecialVocab(src, load_merges=False, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+        w.add_tokenizer_model(vocab.model)
+        if vocab.tokens:
+            assert vocab.pre is not None and vocab.add_space_prefix is not None
+            w.add_tokenizer_pre(vocab.pre)
+            w.add_token_list(vocab.tokens)
+            w.add_token_types(vocab.types)
+            if vocab.scores is not None:
+                w.add_token_scores(vocab.scores)
+            if vocab.merges:
+                w.add_token_merges(vocab.merges)
+            w.add_add_space_prefix(vocab.add_space_prefix)
+            for kind, tid in vocab.special_ids.items():
+                getattr(w, f"add_{kind}_token_id")(tid)
+            w.add_add_bos_token(vocab.add_bos)
+            w.add_add_eos_token(vocab.add_eos)
+            if vocab.chat_template:
+                w.add_chat_template(vocab.chat_template)
         else:
             for key, fn in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
                             ("pad_token_id", w.add_pad_token_id)):
@@ -632,6 +987,9 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would keep a serving user from reading it
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -689,7 +1047,8 @@ def export_checkpoint(
 
 
 __all__ = [
-    "FORMATS", "WRITERS", "check_moefy_dir", "export_checkpoint", "export_model", "gguf_refusal", "gguf_tensors", "load_moefy_dir",
+    "FORMATS", "WRITERS", "GgufVocab", "check_moefy_dir", "export_checkpoint", "export_model", "gguf_refusal", "gguf_tensors",
+    "gguf_vocab", "load_moefy_dir",
     "mixtral_refusal", "permute_qk", "qwen2_moe_refusal", "set_gating", "to_mixtral", "to_qwen2_moe",
     "unpermute_qk", "write_gguf", "write_hf", "write_mixtral", "write_qwen2_moe",
 ]

@@ -1,0 +1,177 @@
+"""GGUF exports in llama.cpp itself: tokens and next-token logits against the HF side.
+
+For each model (SmolLM2-135M on a WikiText-2 paragraph, stories260K on a TinyStories story): convert
+it to a small MoE (DOT-MoE layer-wise, ``--gating softmax-renorm``, as ``moefy convert`` would but
+with few calibration tokens), save the moefy checkpoint (tokenizer.json only, as ``moefy convert``
+writes it), ``moefy export --format gguf``, then in llama.cpp (llama-cpp-python) tokenize the text and
+evaluate it.  Compared: llama.cpp's token ids against the HF tokenizer's (BOS as each adds it), on
+that text and on a longer one (the first 100,000 characters of WikiText-2 test; all of
+sample_5_stories.txt), and llama.cpp's logits at every position against the moefy model's (PyTorch,
+fp32, K/V cache fp32 in llama.cpp too) on the same ids.
+
+llama-cpp-python may live in another virtual environment: ``--llama-python`` names its Python, which
+runs this file's ``--worker`` mode (it needs only llama_cpp and numpy).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llamacpp_check.py --llama-python /work/llamacpp-venv/bin/python \\
+        --json benchmarks/results/llamacpp_check.json
+
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+WIKITEXT = SHARED / "data" / "wikitext2" / "wiki.test.raw"
+TINYSTORIES = SHARED / "data" / "tinystories" / "sample_5_stories.txt"
+STORIES = SHARED / "models" / "stories260K" / "hf"
+
+
+def worker(gguf_path: str, text_path: str, out_dir: str, threads: int) -> None:
+    """In a Python with llama_cpp: tokenize the text, evaluate all positions, save ids and logits;
+    tokenize ``bulk.txt`` beside the text too (tokens only)."""
+    import llama_cpp
+    import numpy as np
+
+    text = Path(text_path).read_text()
+    # fp32 K/V cache (llama.cpp's default is f16, which alone moves logits by ~1e-2)
+    f32 = int(llama_cpp.GGML_TYPE_F32)
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=2048, logits_all=True, n_threads=threads, n_batch=512,
+                          type_k=f32, type_v=f32, verbose=False)
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    np.save(Path(out_dir) / "ids.npy", np.asarray(ids, dtype=np.int64))
+    np.save(Path(out_dir) / "logits.npy", logits)
+    bulk = (Path(text_path).parent / "bulk.txt").read_text()
+    np.save(Path(out_dir) / "bulk_ids.npy", np.asarray(llm.tokenize(bulk.encode("utf-8"), add_bos=True, special=False), dtype=np.int64))
+    (Path(out_dir) / "info.json").write_text(json.dumps({"llama_cpp": llama_cpp.__version__}))
+
+
+def wikitext_paragraph(min_chars: int = 600) -> str:
+    """The first WikiText-2 test paragraph (not a heading) of at least ``min_chars`` characters."""
+    for para in WIKITEXT.read_text().split("\n"):
+        p = para.strip()
+        if len(p) >= min_chars and not p.startswith("="):
+            return p
+    raise SystemExit("no WikiText-2 paragraph found")
+
+
+def tinystory() -> str:
+    return TINYSTORIES.read_text().split("<|endoftext|>")[0].strip()
+
+
+def convert(spec: str, calib_text: str, work: Path, n_experts: int, top_k: int):
+    """A moefy checkpoint of ``spec`` (few calibration tokens: the export is what is checked)."""
+    import torch
+
+    from moefy.config import ConvertConfig
+    from moefy.convert import layerwise_stage
+    from moefy.export import save_checkpoint, to_moefy_model
+    from moefy.models import load
+    from moefy.serving_export import set_gating
+
+    loaded = load(spec)
+    model, tok = loaded.model, loaded.tokenizer
+    ids = torch.tensor(tok(calib_text, add_special_tokens=False).input_ids)
+    seq = 64
+    n = min(8, ids.numel() // seq)
+    calib = ids[: n * seq].reshape(n, seq)
+    cfg = ConvertConfig(n_experts=n_experts, top_k=top_k, gating="softmax-renorm", calib_tokens=n * seq, seq_len=seq,
+                        steps=3, weights="none", eval_every=1)
+    layerwise_stage(model, calib, cfg, batch=4)
+    moe = set_gating(to_moefy_model(model), "softmax-renorm").eval()
+    return save_checkpoint(moe, tok, work / "moe", {"method": "dot", "source": spec}), tok
+
+
+def check(name: str, spec: str, text: str, bulk: str, calib_text: str, llama_python: str, threads: int, n_experts: int, top_k: int) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moefy.serving_export import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix=f"llamacpp-{name}-") as d:
+        work = Path(d)
+        t0 = time.time()
+        ckpt, tok = convert(spec, calib_text, work, n_experts, top_k)
+        gguf_path = export_checkpoint(ckpt, "gguf", work / "model.gguf")
+        (work / "text.txt").write_text(text)
+        (work / "bulk.txt").write_text(bulk)
+        proc = subprocess.run([llama_python, __file__, "--worker", str(gguf_path), str(work / "text.txt"), str(work), str(threads)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"llama.cpp worker failed:\n{proc.stdout}\n{proc.stderr}")
+        cpp_ids = np.load(work / "ids.npy").tolist()
+        cpp_logits = np.load(work / "logits.npy")
+        info = json.loads((work / "info.json").read_text())
+        hf_ids = tok(text).input_ids
+        bulk_cpp, bulk_hf = np.load(work / "bulk_ids.npy").tolist(), tok(bulk).input_ids
+        first_diff = next((i for i, (a, b) in enumerate(zip(cpp_ids, hf_ids)) if a != b), None)
+        if first_diff is None and len(cpp_ids) != len(hf_ids):
+            first_diff = min(len(cpp_ids), len(hf_ids))
+        moe = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+        with torch.no_grad():
+            ref = moe(input_ids=torch.tensor([hf_ids])).logits[0].float().numpy()
+        n = min(len(ref), len(cpp_logits))
+        diff = np.abs(ref[:n] - cpp_logits[:n])
+        argmax = (ref[:n].argmax(-1) == cpp_logits[:n].argmax(-1))
+        return {
+            "model": name, "text_chars": len(text), "hf_tokens": len(hf_ids), "llamacpp_tokens": len(cpp_ids),
+            "tokens_equal": cpp_ids == hf_ids, "first_token_mismatch": first_diff,
+            "bulk_chars": len(bulk), "bulk_hf_tokens": len(bulk_hf), "bulk_tokens_equal": bulk_cpp == bulk_hf,
+            "bulk_first_mismatch": next((i for i, (a, b) in enumerate(zip(bulk_cpp, bulk_hf)) if a != b), None),
+            "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "max_abs_logit": float(np.abs(ref).max()),
+            "argmax_equal": bool(argmax.all()), "argmax_agreement": float(argmax.mean()),
+            "experts": f"{n_experts}:{top_k}", "gguf_mb": round(gguf_path.stat().st_size / 2**20, 1),
+            "llama_cpp": info["llama_cpp"], "seconds": round(time.time() - t0, 1),
+        }
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:5], threads=int(sys.argv[5]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="smollm2,stories260k", help="comma-separated: smollm2, stories260k")
+    ap.add_argument("--llama-python", default=sys.executable, help="a Python that imports llama_cpp")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1) or 1))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    # (model, evaluated text, text only tokenized, calibration text, experts, top-k)
+    cases = {
+        "smollm2": ("smollm2-135m", wikitext_paragraph, lambda: WIKITEXT.read_text()[:100_000],
+                    lambda: WIKITEXT.read_text()[-20000:], 8, 2),
+        "stories260k": (str(STORIES), tinystory, TINYSTORIES.read_text,
+                        lambda: "\n".join(TINYSTORIES.read_text().split("<|endoftext|>")[1:]), 4, 2),
+    }
+    rows = []
+    for name in args.models.split(","):
+        spec, text, bulk, calib, e, k = cases[name]
+        rows.append(check(name, spec, text(), bulk(), calib(), args.llama_python, args.threads, e, k))
+    cols = ["model", "experts", "hf_tokens", "llamacpp_tokens", "tokens_equal", "bulk_chars", "bulk_hf_tokens", "bulk_tokens_equal",
+            "max_abs_logit",
+            "max_abs_diff", "mean_abs_diff", "argmax_agreement", "gguf_mb", "seconds"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"llama_cpp": rows[0]["llama_cpp"] if rows else None, "rows": rows}, indent=2) + "\n")
+    ok = all(r["tokens_equal"] and r["bulk_tokens_equal"] and r["argmax_equal"] and r["max_abs_diff"] <= 1e-3 * max(1.0, r["max_abs_logit"]) for r in rows)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
