@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import STORIES, TINYSTORIES, needs_shared
 from moefy.config import ConvertConfig
 from moefy.runner import run_convert
+from moefy.testing_hooks import clean_env, pause_env, wait_until_paused
 
 pytestmark = needs_shared()
 
@@ -26,32 +26,83 @@ def _cmd(out: Path) -> list[str]:
     ]
 
 
+def _paused_run(cmd: list[str], paused: Path, layer: int, env: dict[str, str], sig: int) -> subprocess.Popen:  # type: ignore[type-arg]
+    """Run ``cmd`` until the test-only hook has paused it after ``layer`` is saved, then send ``sig``."""
+    # SIGINT reset to the default: a shell's background job inherits it ignored, and Python then never raises
+    proc = subprocess.Popen(cmd, env=pause_env(layer, paused, env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_until_paused(proc, paused, timeout=300)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = clean_env(dict(os.environ, OMP_NUM_THREADS="1"))
     ref = tmp_path / "ref"
     subprocess.run(_cmd(ref), check=True, env=env, capture_output=True)
 
     out = tmp_path / "resumed"
     work = tmp_path / ".resumed.moefy-work"
-    proc = subprocess.Popen(_cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (work / "layer_0001.json").exists() and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "conversion finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = _paused_run(_cmd(out), tmp_path / "paused", 1, env, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # no half checkpoint
-    done = sorted(p.name for p in work.glob("layer_*.json"))
-    assert 1 <= len(done) < 5
+    assert sorted(p.name for p in work.glob("layer_*.json")) == ["layer_0000.json", "layer_0001.json"]
 
     res = subprocess.run(_cmd(out), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "resuming" in res.stderr
+    log = " ".join(res.stderr.split())  # rich wraps long lines
+    assert "resuming: 2 layer(s) already converted" in log
+    assert "not resuming" not in log
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert (a[k] == b[k]).all(), k
     assert not work.exists()
+
+
+def test_edited_calibration_file_starts_over(tmp_path):
+    """The work directory remembers the calibration file's contents, not just its path: after an edit
+    that keeps the size and the mtime, a rerun starts over (and says so) and ends identical to a
+    fresh conversion of the edited file."""
+    env = clean_env(dict(os.environ, OMP_NUM_THREADS="1"))
+    calib = tmp_path / "calib.txt"
+    calib.write_bytes(TINYSTORIES.read_bytes()[:60_000])
+
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "moefy.cli", "convert", str(STORIES), "--out", str(out), "--calib", str(calib),
+                "--calib-tokens", "2048", "--seq-len", "64", "--steps", "5", "--seed", "3"]
+
+    out = tmp_path / "out"
+    work = tmp_path / ".out.moefy-work"
+    proc = _paused_run(cmd(out), tmp_path / "paused", 0, env, signal.SIGINT)
+    assert proc.returncode == 130
+    assert sorted(p.name for p in work.glob("layer_*.json")) == ["layer_0000.json"]
+
+    st = calib.stat()
+    text = calib.read_bytes()
+    calib.write_bytes(text[:4000].swapcase() + text[4000:])  # same size; the first windows change
+    os.utime(calib, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert calib.stat().st_size == st.st_size and calib.stat().st_mtime_ns == st.st_mtime_ns
+
+    res = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = " ".join(res.stderr.split())  # rich wraps long lines
+    assert "not resuming" in log and "calibration file contents changed); starting over" in log, log[-2000:]
+    assert "already converted" not in log
+    assert not work.exists()
+
+    fresh = tmp_path / "fresh"
+    subprocess.run(cmd(fresh), check=True, env=env, capture_output=True)
+    a, b = load_file(str(fresh / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_e2e_interrupt_then_resume_is_identical(tmp_path):
@@ -74,10 +125,10 @@ def test_e2e_interrupt_then_resume_is_identical(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run_convert(str(STORIES), out, cfg(), [str(TINYSTORIES)], log=quiet, progress=stop_at_step_5)
-    assert not out.exists() and (work_dir_for(out) / "e2e.json").exists()
+    assert not out.exists() and (work_dir_for(out) / "e2e" / "ckpt" / "meta.json").exists()
     logs: list[str] = []
     res = run_convert(str(STORIES), out, cfg(), [str(TINYSTORIES)], log=logs.append)
-    assert any("end-to-end stage at step 4" in m for m in logs)
+    assert any("resuming training at step 4" in m for m in logs)
     assert res.record["e2e_kl"] == ref.record["e2e_kl"]
     assert res.record["e2e_val_kl"] == ref.record["e2e_val_kl"] and res.record["e2e_best_step"] == ref.record["e2e_best_step"]
     a, b = load_file(str(ref.out / "model.safetensors")), load_file(str(out / "model.safetensors"))
