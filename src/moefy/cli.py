@@ -245,7 +245,7 @@ def train(
     ce_weight: Annotated[Optional[float], typer.Option(help="Weight of the LM cross-entropy.")] = None,
     z_loss_weight: Annotated[Optional[float], typer.Option(help="Weight of the router z-loss.")] = None,
     balance_weight: Annotated[Optional[float], typer.Option(help="Weight of the load-balance loss.")] = None,
-    learn_assignment: Annotated[Optional[bool], typer.Option("--learn-assignment/--freeze-assignment", help="Train the Sinkhorn assignment (default: when the checkpoint's method is dot).")] = None,
+    learn_assignment: Annotated[Optional[bool], typer.Option("--learn-assignment/--freeze-assignment", help="Train the Sinkhorn assignment jointly, annealed tau_start -> tau_end (default: frozen at the checkpoint's split; measured better).")] = None,
     tau_start: Annotated[Optional[float], typer.Option(help="Sinkhorn temperature at the start.")] = None,
     tau_end: Annotated[Optional[float], typer.Option(help="Sinkhorn temperature when the assignment freezes.")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps.")] = None,

@@ -58,6 +58,7 @@ class ConvertConfig:
     e2e_lr_weights: float = 1e-4  # expert gate/up/down
     e2e_lr_rest: float = 1e-4  # attention, norms, LM head (embeddings stay frozen)
     e2e_checkpoint_every: int = 25
+    e2e_learn_assignment: bool = False  # dot: let the Sinkhorn assignment move neurons (opt-in; see moefy.training.config)
     # end-to-end keep-best: KL on this many held-out sequences (taken from the training text,
     # never trained on, disjoint from the calibration tokens) every e2e_eval_every steps; the
     # best state (the layer-wise result included) is kept. 0 disables it.

@@ -8,6 +8,7 @@ continues; the work directory is removed once the checkpoint is in place.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -23,17 +24,18 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, testing_hooks
 from .adapters import get_adapter
 from .calibration import CalibrationSet, check_paths, from_files, sample_from_model
 from .config import ConvertConfig
-from .convert import E2EResult, active_fraction, e2e_stage, layerwise_stage, make_layer, summary
+from .convert import active_fraction, layerwise_stage, make_layer, summary
 from .dotmoe import DotMoeLayer
 from .errors import ConfigError, OutputExistsError
 from .export import save_checkpoint, to_moefy_model
 from .layerwise import LayerReport
 from .models import load
 from .splits import Split
+from .training.run import StageResult
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -49,9 +51,36 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.moefy-work"
 
 
-def fingerprint(model_spec: str, cfg: ConvertConfig, calib: list[str]) -> str:
-    blob = json.dumps({"model": model_spec, "cfg": cfg.to_dict(), "calib": calib, "v": __version__}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def fingerprint(
+    model_spec: str, cfg: ConvertConfig, calib: list[str], work: Path | None = None, log: Log | None = None
+) -> str:
+    """Identity of a conversion's inputs: model, settings, version and the calibration files'
+    paths *and contents*, so a rerun after editing a file starts over instead of resuming from
+    layers fitted on the old text. A file's contents: its size and the SHA-256 of its bytes
+    (files over 64 MiB: of the first and last 4 MiB, plus the mtime_ns for edits in between).
+    With ``work`` and ``log``: says so when ``work`` holds a conversion of other inputs."""
+
+    def contents(path: str) -> dict[str, Any]:
+        st, h, mib = os.stat(path), hashlib.sha256(), 1 << 20
+        with open(path, "rb") as fh:
+            if st.st_size <= 64 * mib:
+                for chunk in iter(lambda: fh.read(mib), b""):
+                    h.update(chunk)
+                return {"size": st.st_size, "sha256": h.hexdigest()}
+            h.update(fh.read(4 * mib))
+            fh.seek(st.st_size - 4 * mib)
+            h.update(fh.read(4 * mib))
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_head_tail": h.hexdigest()}
+
+    files = [{"path": p, **contents(p)} for p in calib]
+    blob = json.dumps({"model": model_spec, "cfg": cfg.to_dict(), "calib": files, "v": __version__}, sort_keys=True)
+    fp = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    state = work / "state.json" if work is not None else None
+    if log is not None and state is not None and state.is_file():
+        if json.loads(state.read_text()).get("fingerprint") != fp:
+            log(f"not resuming: {work} holds a conversion of other inputs (model, settings, version or "
+                "calibration file contents changed); starting over")
+    return fp
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, meta: dict[str, str] | None = None) -> None:
@@ -102,28 +131,6 @@ class WorkDir:
         _atomic_save(dict(layer.state_dict()), self.path / f"layer_{i:04d}.safetensors")
         _atomic_json(report.to_dict(), self.path / f"layer_{i:04d}.json")
 
-    def save_e2e(self, step: int, states: dict[str, torch.Tensor], opt_state: dict[str, Any], losses: list[float]) -> None:
-        tensors = {f"model.{k}": v for k, v in states.items()}
-        for idx, st in opt_state["state"].items():
-            for name, v in st.items():
-                tensors[f"opt.{idx}.{name}"] = torch.as_tensor(v)
-        _atomic_save(tensors, self.path / "e2e.safetensors")
-        _atomic_json({"step": step, "param_groups": opt_state["param_groups"], "losses": losses}, self.path / "e2e.json")
-
-    def load_e2e(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], list[float]] | None:
-        meta_p, tens_p = self.path / "e2e.json", self.path / "e2e.safetensors"
-        if not (meta_p.is_file() and tens_p.is_file()):
-            return None
-        meta = json.loads(meta_p.read_text())
-        tensors = load_file(str(tens_p))
-        states = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        opt_state: dict[str, Any] = {"state": {}, "param_groups": meta["param_groups"]}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, idx, name = k.split(".", 2)
-                opt_state["state"].setdefault(int(idx), {})[name] = v
-        return int(meta["step"]), states, opt_state, list(meta["losses"])
-
     def finished_layers(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.path.glob("layer_*.json"))
 
@@ -156,6 +163,7 @@ def run_convert(
     overwrite: bool = False,
     log: Log = print,
     progress: Progress | None = None,
+    train_files: list[str] | None = None,
 ) -> ConvertResult:
     t0 = time.time()
     out = Path(out)
@@ -163,6 +171,10 @@ def run_convert(
         raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
     cfg.validate()
     check_paths(list(calib_files or []))
+    if train_files:
+        from .training.data import resolve_sources
+
+        resolve_sources(list(train_files))
     torch.manual_seed(cfg.seed)
     loaded = load(model_spec)
     model, tok = loaded.model, loaded.tokenizer
@@ -174,7 +186,7 @@ def run_convert(
         raise ConfigError(f"--layers must be within 0..{len(layers) - 1}")
     log(f"loaded {loaded.source}: {model.config.model_type}, {len(layers)} layers, d_ffn={d_ffn}")
 
-    work = WorkDir(work_dir_for(out), fingerprint(model_spec, cfg, list(calib_files or [])))
+    work = WorkDir(work_dir_for(out), fingerprint(model_spec, cfg, list(calib_files or []), work_dir_for(out), log))
     resuming = work.open()
     calib = work.load_calib() if resuming else None
     if calib is None:
@@ -196,29 +208,29 @@ def run_convert(
         if restored:
             log(f"resuming: {len(restored)} layer(s) already converted in {work.path}")
 
-    teacher = {i: layer.mlp for i, layer in enumerate(layers)}
+    # the end-to-end stage distils from the dense model: a frozen copy taken before any layer changes
+    teacher = copy.deepcopy(model) if cfg.stage in ("e2e", "both") else None
 
     def done(i: int, rep: LayerReport) -> None:
         reports[i] = rep
         work.save_layer(i, layers[i].mlp, rep)
+        testing_hooks.pause_after_layer(i)  # test-only: a no-op unless MOEFY_TEST_PAUSE_AFTER_LAYER is set
 
     # e2e alone still starts from calibrated initial splits and least-squares routers
     lw_cfg = cfg if cfg.stage != "e2e" else replace(cfg, steps=0, weights="none")
     layerwise_stage(model, calib.ids, lw_cfg, batch=8, progress=progress, on_layer_done=done, restored=restored)
-    e2e = E2EResult([])
-    if cfg.stage in ("e2e", "both"):
-        resume = work.load_e2e() if resuming else None
-        if resume is not None:
-            log(f"resuming the end-to-end stage at step {resume[0]}")
-        e2e = e2e_stage(
-            model, calib.ids, cfg, teacher, progress=progress, checkpoint=work.save_e2e,
-            checkpoint_every=cfg.e2e_checkpoint_every, resume=resume,
-        )
+    e2e = StageResult([], [], None)
+    if teacher is not None:
+        from .training.run import convert_stage
+
+        moe, e2e = convert_stage(model, teacher, tok, cfg, calib.ids, list(calib_files or []), train_files,
+                                 work.path, log, progress)
+        del teacher
         if e2e.val_kl:
             start, end = e2e.val_kl[0][1], min(v for _, v in e2e.val_kl)
             log(f"end-to-end: held-out KL {start:.4f} after the layer-wise stage, kept step {e2e.best_step} ({end:.4f})")
-
-    moe = to_moefy_model(model)
+    else:
+        moe = to_moefy_model(model)
     ordered = [reports[i] for i in sorted(reports)]
     record = build_record(model_spec, loaded.source, cfg, calib, moe, ordered, e2e, time.time() - t0, d_ffn)
     save_checkpoint(moe, tok, out, record, overwrite=overwrite)
@@ -233,7 +245,7 @@ def build_record(
     calib: CalibrationSet,
     moe: Any,
     reports: list[LayerReport],
-    e2e: E2EResult,
+    e2e: StageResult,
     seconds: float,
     d_ffn: int,
 ) -> dict[str, Any]:
@@ -280,6 +292,7 @@ def build_record(
         "e2e_kl": e2e.losses,
         "e2e_val_kl": [{"step": st, "kl": v} for st, v in e2e.val_kl],
         "e2e_best_step": e2e.best_step,
+        **({"training": [e2e.entry]} if e2e.entry is not None else {}),
         "summary": summ,
         "wall_seconds": seconds,
     }

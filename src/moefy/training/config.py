@@ -12,7 +12,7 @@ from .student import GROUPS
 # Learning rates per parameter group (0 freezes a group). The whole network trains except the
 # embeddings (tied to the LM head in most small models, which then stays frozen too).
 DEFAULT_LRS: dict[str, float] = {
-    "experts": 1e-4, "routers": 1e-3, "assignment": 0.02, "attention": 1e-4, "norms": 1e-4,
+    "experts": 1e-4, "routers": 1e-3, "assignment": 0.1, "attention": 1e-4, "norms": 1e-4,
     "embeddings": 0.0, "lm_head": 1e-4, "other": 1e-4,
 }
 
@@ -38,9 +38,11 @@ class TrainConfig:
     z_loss_weight: float = 1e-3
     balance_weight: float = 1e-2
     loss_chunk: int = 1024  # tokens per chunk of the vocabulary-sized loss
-    # assignment (method dot): Sinkhorn temperature annealed geometrically over anneal_fraction
-    # of the steps, then the assignment is frozen (no neuron moves once it is hard)
-    learn_assignment: bool | None = None  # None: when the checkpoint's method is dot
+    # assignment: with learn_assignment, the Sinkhorn temperature anneals geometrically over
+    # anneal_fraction of the steps, then the assignment is frozen (no neuron moves once it is
+    # hard). Off by default: on stories260K, moving neurons during recovery training scored worse
+    # on held-out KL than keeping the layer-wise split (docs/BENCHMARKS.md section 7).
+    learn_assignment: bool = False
     tau_start: float = 1.0
     tau_end: float = 0.1
     anneal_fraction: float = 0.5

@@ -131,6 +131,7 @@ def run_train(
     overwrite: bool = False,
     log: Log = print,
     report: Report | None = None,
+    extra_eval: Any = None,
 ) -> TrainResult:
     from ..models import load
 
@@ -147,7 +148,7 @@ def run_train(
         raise ConfigError("no --teacher given and the checkpoint does not record its dense source")
     t_loaded = load(teacher_spec)
     check_teacher(model.model, tok, t_loaded.model, t_loaded.tokenizer, teacher_spec)
-    learn = cfg.learn_assignment if cfg.learn_assignment is not None else record.get("method") == "dot"
+    learn = cfg.learn_assignment
     student = build_student(model, learn, neurons=[layer.get("neurons") for layer in record.get("layers", [])],
                             rounding=record.get("config", {}).get("rounding", "greedy"), margin=cfg.affinity_margin)
     accelerator = make_accelerator(cfg)
@@ -175,7 +176,7 @@ def run_train(
     log(f"data: {data_desc}; held out: {val_desc}")
     metrics = work.path / "metrics.jsonl"
     outcome = train(student, Teacher(t_loaded.model), stream, cfg, work, accelerator, learn, log=log, report=report,
-                    metrics_path=metrics)
+                    metrics_path=metrics, extra_eval=extra_eval)
     if learn:
         log(f"assignment: {sum(outcome.neurons_moved.values())} neurons moved expert "
             f"({', '.join(f'{i}:{n}' for i, n in outcome.neurons_moved.items())})")
@@ -220,6 +221,7 @@ def convert_stage(
     trainer as ``moefy train``, on text past the calibration tokens (never the same tokens)."""
     from ..export import to_moefy_model
 
+    learn = ccfg.method == "dot" and ccfg.e2e_learn_assignment
     tcfg = TrainConfig(
         tokens=ccfg.e2e_steps * ccfg.e2e_batch * ccfg.seq_len, seq_len=ccfg.seq_len, batch_size=ccfg.e2e_batch,
         lrs={"assignment": ccfg.e2e_lr_affinity, "routers": ccfg.e2e_lr_router, "experts": ccfg.e2e_lr_weights,
@@ -230,10 +232,10 @@ def convert_stage(
         keep_best=ccfg.e2e_val_sequences > 0, checkpoint_every=ccfg.e2e_checkpoint_every, seed=ccfg.seed,
         warmup_steps=min(10, max(0, ccfg.e2e_steps // 10)),
         learn_budget=ccfg.router == "lapsum" and ccfg.budget_mode == "learned", total_budget=ccfg.budget,
+        learn_assignment=learn,
     )
     tcfg.validate()
     moe = to_moefy_model(model)
-    learn = ccfg.method == "dot"
     student = build_student(moe, learn, rounding=ccfg.rounding, sinkhorn_iters=ccfg.sinkhorn_iters)
     accelerator = make_accelerator(tcfg)
     state = TrainState(work_path / "e2e", fingerprint_blob(tcfg))

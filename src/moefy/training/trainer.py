@@ -209,7 +209,11 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    # accelerate runs several CPU processes (gloo) only when told the run is CPU-only
+    has_accel = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) \
+        or torch.backends.mps.is_available()
     return Accelerator(
+        cpu=not has_accel,
         mixed_precision=_mixed_precision(cfg),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)],
     )
@@ -226,8 +230,12 @@ def train(
     log: Log = print,
     report: Report | None = None,
     metrics_path: Path | None = None,
+    extra_eval: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> TrainOutcome:
-    """Train ``student`` in place; returns what happened. The caller exports it."""
+    """Train ``student`` in place; returns what happened. The caller exports it.
+
+    ``extra_eval(model)``, when given, runs at every held-out evaluation (hard routing, no
+    grad) and its results are added to that evaluation's record (benchmarks score test text)."""
     t_start = time.time()
     dev = accelerator.device
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -314,10 +322,11 @@ def train(
             n += ids.numel()
         for h in hooks:
             h.remove()
+        extra = extra_eval(base) if extra_eval is not None else {}
         raw_module.train()
         n_layers = max(1, sum(1 for d in dots.values() if d.n_experts > 0))
         per_layer = [torch.stack(loads[i::n_layers]).mean(0).tolist() for i in range(n_layers)] if loads else []
-        return {"step": step, "val_kl": kl / n, "val_ppl": math.exp(ce / n), "expert_load": per_layer}
+        return {"step": step, "val_kl": kl / n, "val_ppl": math.exp(ce / n), **extra, "expert_load": per_layer}
 
     def snapshot() -> dict[str, torch.Tensor]:
         """What training changes: trainable tensors, learned assignments, LapSum thresholds."""
@@ -435,6 +444,9 @@ def train(
             sums["loss"] += float(loss.detach()) / cfg.grad_accum
             for k in ("kl", "ce", "z_loss", "balance"):
                 sums[k] += st.get(k, 0.0) / cfg.grad_accum
+        if world > 1:  # the logged figures are means over all processes' sequences
+            vals = accelerator.reduce(torch.tensor([sums[k] for k in sorted(sums)], device=dev), reduction="mean")
+            sums = dict(zip(sorted(sums), vals.tolist()))
         grad_norm = float(accelerator.clip_grad_norm_(trainable_params, cfg.clip)) if cfg.clip > 0 else float("nan")
         opt.step()
         opt.zero_grad(set_to_none=True)
