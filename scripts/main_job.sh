@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: SmolLM2-135M -> 8-expert top-2 DOT-MoE, evaluated
-# against its dense self on WikiText-2 (first 40 windows of 1024 tokens, to stay within ~20 min
-# on 2 CPU cores; benchmarks/bench_convert.py runs the full test set).
+# The main job on the embedded default, SmolLM2-135M, at 25% of FFN neurons active per token:
+#   1. layer-wise DOT-MoE conversion with the measured-best 25% layout (288 always-active
+#      neurons chosen by importance + 2 of 26 routed experts; docs/BENCHMARKS.md section 6);
+#   2. a short recovery training (moefy train) of the whole network against the dense model;
+#   3. dense vs MoE (layer-wise) vs MoE (recovered) perplexity, side by side, on the first 40
+#      windows of 1024 tokens of WikiText-2 test (about 20 min on 2 CPU cores in all).
+# Calibration and training text: WikiText-2 valid; evaluation: WikiText-2 test (disjoint).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 SHARED=../shared/data
-OUT=${OUT:-out/smollm2-135m-dot-E8k2}
-CALIB=()
+OUT=${OUT:-out/smollm2-135m-25pct}
+TOKENS=${TOKENS:-24576}
+DATA=()
 if [ -f "$SHARED/wikitext2/wiki.valid.tokens" ]; then
-  CALIB=(--calib "$SHARED/wikitext2/wiki.valid.tokens")
+  DATA=("$SHARED/wikitext2/wiki.valid.tokens")
 fi
-.venv/bin/moefy convert smollm2-135m --experts 8 --top-k 2 --out "$OUT" "${CALIB[@]}" \
-  --calib-tokens 16384 --seq-len 512 --overwrite
+CALIB=()
+TRAIN=()
+for f in "${DATA[@]}"; do CALIB+=(--calib "$f"); TRAIN+=(--data "$f"); done
+.venv/bin/moefy convert smollm2-135m --experts 26 --top-k 2 --shared 288 --shared-by importance \
+  --out "$OUT/layerwise" "${CALIB[@]}" --calib-tokens 16384 --seq-len 512 --overwrite
+# with no data files, moefy train samples its training text from the dense model (and says so)
+.venv/bin/moefy train "$OUT/layerwise" --out "$OUT/recovered" --teacher smollm2-135m "${TRAIN[@]}" \
+  --tokens "$TOKENS" --seq-len 512 --batch-size 4 --eval-every 4 --val-sequences 8 --overwrite
 if [ -f "$SHARED/wikitext2/wiki.test.raw" ]; then
   EVAL="$SHARED/wikitext2/wiki.test.raw"
 else
@@ -28,4 +39,5 @@ open(sys.argv[1], "w").write("\n\n".join(L.tokenizer.decode(r, skip_special_toke
 print("evaluation text: 8192 tokens sampled from the dense model (seed 12345, not the calibration seed)")
 PY
 fi
-.venv/bin/moefy eval smollm2-135m "$OUT" --ppl "$EVAL" --seq-len 1024 --max-windows 40 --json "$OUT.eval.json"
+.venv/bin/moefy eval smollm2-135m "$OUT/layerwise" "$OUT/recovered" --ppl "$EVAL" --seq-len 1024 --max-windows 40 \
+  --json "$OUT/eval.json"

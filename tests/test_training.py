@@ -319,3 +319,15 @@ def test_sample_config_files_parse():
         data = yaml.safe_load(f.read_text())
         if "train" in data:
             TrainConfig.from_dict(data["train"]).validate()
+
+
+@needs_shared()
+def test_data_free_training_samples_from_the_teacher(stories_moe, tmp_path):
+    from moefy.training.run import run_train
+
+    logs: list[str] = []
+    res = run_train(stories_moe, tmp_path / "df", small_cfg(tokens=64 * 4 * 2, eval_every=2, val_sequences=2), None,
+                    teacher=str(STORIES), log=logs.append)
+    entry = res.record["training"][-1]
+    assert entry["data"].startswith("data-free") and any("sampled from the teacher" in m for m in logs)
+    assert entry["tokens"] == 64 * 4 * 2

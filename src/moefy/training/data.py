@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..calibration import _json_text
 from ..errors import CalibrationDataError
 
 TEXT_SUFFIXES = (".txt", ".text", ".raw", ".tokens", ".md")
@@ -109,16 +110,6 @@ def _text_chunks(path: Path, chunk_bytes: int) -> Iterator[str]:
             carry = text[cut + 1 :]
     if carry:
         yield carry
-
-
-def _json_text(obj: Any, where: str) -> str:
-    if isinstance(obj, str):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("text", "content", "document", "story"):
-            if isinstance(obj.get(key), str):
-                return obj[key]
-    raise CalibrationDataError(f"{where}: record has no 'text' string field")
 
 
 def _datasets_rows(path: Path) -> Iterator[str]:
