@@ -51,13 +51,16 @@ def _log(msg: str) -> None:
 
 @app.command()
 def convert(
-    model: Annotated[str, typer.Argument(help="HF directory, .gguf file, hub id, or alias 'smollm2-135m'.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.")],
-    experts: Annotated[int, typer.Option("--experts", "-E", help="Routed experts per FFN.")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts each token uses.")] = 2,
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Argument(help="HF directory, .gguf file, hub id, or alias 'smollm2-135m' (or the recipe's model:).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output checkpoint directory (or the recipe's out:).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe of the whole conversion (model, out, calib, train_data, any ConvertConfig field); flags override it.")] = None,
+    active: Annotated[Optional[float], typer.Option("--active", help="Active FFN fraction in (0, 1): the measured-best layout for it, scaled to the model's d_ffn (moefy.layouts); --experts/--top-k/--shared/--shared-by given too override its choice.")] = None,
+    experts: Annotated[Optional[int], typer.Option("--experts", "-E", help="Routed experts per FFN. [default: 8]", show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", "-k", help="Experts each token uses. [default: 2]", show_default=False)] = None,
     method: Annotated[str, typer.Option(help="dot | dot-frozen | random | param-cluster | act-cluster | prune")] = "dot",
-    shared: Annotated[int, typer.Option("--shared", help="Always-active shared neurons per layer (taken from the routed budget).")] = 0,
-    shared_by: Annotated[str, typer.Option(help="Shared neurons chosen by: rate (CMoE: most often active) | importance (|activation| x down norm, as prune)")] = "rate",
+    shared: Annotated[Optional[int], typer.Option("--shared", help="Always-active shared neurons per layer (taken from the routed budget). [default: 0]", show_default=False)] = None,
+    shared_by: Annotated[Optional[str], typer.Option(help="Shared neurons chosen by: rate (CMoE: most often active) | importance (|activation| x down norm, as prune). [default: rate]", show_default=False)] = None,
     calib: Annotated[Optional[list[Path]], typer.Option("--calib", help="Calibration text (.txt/.jsonl/.json); repeatable. None: data-free.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration token budget.")] = 32768,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
@@ -80,28 +83,53 @@ def convert(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
-    """Convert MODEL into an MoE checkpoint at --out."""
-    from .config import ConvertConfig
+    """Convert MODEL into an MoE checkpoint at --out (or as a --recipe records it)."""
+    from .config import LAYOUT_FIELDS, ConvertConfig, ConvertRecipe, load_convert_recipe
     from .runner import run_convert, work_dir_for
 
+    def given(name: str) -> bool:  # on the command line (or its environment), not a default
+        source = ctx.get_parameter_source(name)  # by name: typer may bring its own copy of click
+        return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    rec = load_convert_recipe(recipe) if recipe is not None else ConvertRecipe()
+    model = model if model is not None else rec.model
+    out = out if out is not None else (Path(rec.out) if rec.out is not None else None)
+    if model is None:
+        raise ConfigError("no model: give MODEL or a --recipe with model:")
+    if out is None:
+        raise ConfigError("no output: give --out or a --recipe with out:")
+    calib_files = [str(c) for c in calib] if given("calib") and calib else list(rec.calib or [])
+    train_files = list(train_data) if given("train_data") and train_data else rec.train_data
+    overwrite = overwrite if given("overwrite") or rec.overwrite is None else rec.overwrite
     layer_list = None
     if layers:
         try:
             layer_list = [int(v) for v in layers.split(",") if v.strip()]
         except ValueError:
             raise ConfigError(f"--layers must be comma-separated integers, got {layers!r}") from None
-    cfg = ConvertConfig(
-        n_experts=experts, top_k=top_k, method=method, n_shared=shared, shared_by=shared_by, stage=stage, seed=seed,
-        calib_tokens=calib_tokens, seq_len=seq_len, weights=weights, steps=steps, e2e_steps=e2e_steps,
-        e2e_val_sequences=e2e_val_sequences, e2e_batch=e2e_batch,
-        init=init, rounding=rounding, layers=layer_list, router=router, gating=gating, budget=budget,
-        budget_mode=budget_mode, max_active=max_active, token_weighting=token_weighting,
-    )
+    flags: dict[str, tuple[str, Any]] = {  # CLI parameter -> (ConvertConfig field, value)
+        "active": ("active", active), "experts": ("n_experts", experts), "top_k": ("top_k", top_k),
+        "shared": ("n_shared", shared), "shared_by": ("shared_by", shared_by), "method": ("method", method),
+        "stage": ("stage", stage), "seed": ("seed", seed), "calib_tokens": ("calib_tokens", calib_tokens),
+        "seq_len": ("seq_len", seq_len), "weights": ("weights", weights), "steps": ("steps", steps),
+        "e2e_steps": ("e2e_steps", e2e_steps), "e2e_val_sequences": ("e2e_val_sequences", e2e_val_sequences),
+        "e2e_batch": ("e2e_batch", e2e_batch), "init": ("init", init), "rounding": ("rounding", rounding),
+        "layers": ("layers", layer_list), "router": ("router", router), "gating": ("gating", gating),
+        "budget": ("budget", budget), "budget_mode": ("budget_mode", budget_mode), "max_active": ("max_active", max_active),
+        "token_weighting": ("token_weighting", token_weighting),
+    }
+    settings = dict(rec.config)
+    if given("active"):  # --active on the command line picks the layout: the recipe's layout gives way
+        for name in LAYOUT_FIELDS:
+            settings.pop(name, None)
+    settings.update({fld: value for name, (fld, value) in flags.items() if given(name) and value is not None})
+    explicit = [name for name in LAYOUT_FIELDS if name in settings] if settings.get("active") is not None else []
+    cfg = ConvertConfig(**settings, explicit_layout=explicit)
     cfg.validate()
     try:
         with _Bars() as bars:
-            result = run_convert(model, out, cfg, [str(c) for c in calib or []], overwrite=overwrite, log=_log, progress=bars,
-                                 train_files=list(train_data) if train_data else None)
+            result = run_convert(model, out, cfg, calib_files, overwrite=overwrite, log=_log, progress=bars,
+                                 train_files=list(train_files) if train_files else None)
     except KeyboardInterrupt:
         raise InterruptedRun(
             f"interrupted; finished layers are saved in {work_dir_for(out)}; rerun the same command to resume"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, TooFewExpertsError, TooManyExpertsError, TopKTooLargeError, TopKTooSmallError
@@ -11,6 +13,8 @@ METHODS = ("dot", "dot-frozen", "random", "param-cluster", "act-cluster", "prune
 STAGES = ("layerwise", "e2e", "both")
 WEIGHT_MODES = ("none", "ridge", "grad", "grad+ridge")
 INITS = ("act-cluster", "param-cluster", "random")
+# the layout fields --active chooses (moefy.layouts.layout_for) unless given explicitly
+LAYOUT_FIELDS = ("n_experts", "top_k", "n_shared", "shared_by")
 
 
 @dataclass
@@ -74,8 +78,38 @@ class ConvertConfig:
     budget_mode: str = "learned"  # LapSum: "learned" (k_l = softmax(eta)_l (K - L) + 1, e2e) or "fixed" (K/L)
     max_active: int | None = None  # LapSum: cap on experts a token may use
     lr_budget: float = 0.05
+    # --active FRACTION: the measured-best layout for that active FFN fraction, scaled to the
+    # model's d_ffn once it is loaded (resolve_layout); the LAYOUT_FIELDS named in
+    # explicit_layout were given explicitly and keep their values
+    active: float | None = None
+    explicit_layout: list[str] = field(default_factory=list)
+
+    def resolve_layout(self, d_ffn: int, overrides: Iterable[str] | None = None) -> ConvertConfig:
+        """This config with ``--active``'s layout for an FFN of ``d_ffn`` neurons filled in: the
+        layout fields not in ``overrides`` (default: ``explicit_layout``) come from
+        :func:`moefy.layouts.layout_for`.  Without ``active``: this config unchanged."""
+        if self.active is None:
+            return self
+        from .layouts import layout_for
+
+        keep = set(self.explicit_layout if overrides is None else overrides)
+        unknown = keep - set(LAYOUT_FIELDS)
+        if unknown:
+            raise ConfigError(f"not a layout field: {', '.join(sorted(unknown))}; choose from {', '.join(LAYOUT_FIELDS)}")
+        lay = layout_for(self.active, d_ffn)
+        picked = {"n_experts": lay.n_experts, "top_k": lay.top_k, "n_shared": lay.n_shared, "shared_by": lay.shared_by}
+        return replace(self, **{k: v for k, v in picked.items() if k not in keep}, explicit_layout=sorted(keep))
 
     def validate(self, d_ffn: int | None = None) -> None:
+        if self.active is not None:
+            if isinstance(self.active, bool) or not isinstance(self.active, (int, float)) or not 0 < self.active < 1:
+                raise ConfigError(f"--active must be a fraction strictly between 0 and 1, got {self.active!r}")
+            bad = set(self.explicit_layout) - set(LAYOUT_FIELDS)
+            if bad:
+                raise ConfigError(f"explicit_layout names {', '.join(sorted(bad))}; choose from {', '.join(LAYOUT_FIELDS)}")
+            if d_ffn is None:  # the layout is known only with the model's d_ffn: check what was given
+                self._validate_partial_layout()
+                return
         if self.n_experts < 2:
             raise TooFewExpertsError(f"--experts must be at least 2, got {self.n_experts}")
         if self.top_k < 1:
@@ -120,5 +154,104 @@ class ConvertConfig:
                     f"--experts {self.n_experts} (+ {self.n_shared} shared) exceeds the FFN width d_ffn={d_ffn}"
                 )
 
+    def _validate_partial_layout(self) -> None:
+        """``validate`` before ``resolve_layout``: the layout fields given, and everything else."""
+        given = set(self.explicit_layout)
+        picked = replace(self, active=None, explicit_layout=[])
+        # stand-ins for the fields --active will choose, so only the given ones can fail
+        if "n_experts" not in given:
+            picked.n_experts = max(2, picked.top_k if "top_k" in given else 2, picked.max_active or 2)
+        if "top_k" not in given:
+            picked.top_k = 1
+        if "n_shared" not in given:
+            picked.n_shared = 0
+        if "shared_by" not in given:
+            picked.shared_by = "importance"
+        picked.validate()
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _type_ok(name: str, value: Any) -> bool:
+    """Does a recipe's ``value`` fit ConvertConfig field ``name`` (judged by its default)?"""
+    if name == "layers":
+        return value is None or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    if name in ("budget", "active"):
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if name == "max_active":
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    default = getattr(ConvertConfig(), name)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+# the ConvertConfig fields a recipe may set (explicit_layout follows from which layout fields it sets)
+CONFIG_FIELDS = tuple(f.name for f in fields(ConvertConfig) if f.name != "explicit_layout")
+# a convert recipe's keys beyond the ConvertConfig fields
+RECIPE_JOB_KEYS = ("model", "out", "calib", "train_data", "overwrite")
+
+
+@dataclass
+class ConvertRecipe:
+    """A whole conversion, as ``moefy convert --recipe FILE`` reads it: the job (model, out,
+    calibration and end-to-end text) and any :class:`ConvertConfig` fields.  Hyphens in keys
+    read as underscores (``top-k`` = ``top_k``); the command line's flags override it."""
+
+    model: str | None = None
+    out: str | None = None
+    calib: list[str] | None = None
+    train_data: list[str] | None = None
+    overwrite: bool | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def load_convert_recipe(path: str | Path) -> ConvertRecipe:
+    """Read and check a convert recipe (YAML); any problem is one line of :class:`ConfigError`."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of settings, got {type(data).__name__}")
+    items = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = [k for k in items if k not in CONFIG_FIELDS and k not in RECIPE_JOB_KEYS]
+    if unknown:
+        raise ConfigError(
+            f"recipe {path}: unknown key(s) {', '.join(sorted(unknown))}; use model, out, calib, train_data, "
+            "overwrite or a ConvertConfig field (e.g. n_experts, top_k, n_shared, shared_by, active, calib_tokens)"
+        )
+    recipe = ConvertRecipe()
+    for key in ("model", "out"):
+        if key in items and items[key] is not None:
+            if not isinstance(items[key], str):
+                raise ConfigError(f"recipe {path}: {key} must be a string, got {items[key]!r}")
+            setattr(recipe, key, items[key])
+    for key in ("calib", "train_data"):
+        if key in items and items[key] is not None:
+            value = [items[key]] if isinstance(items[key], str) else items[key]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"recipe {path}: {key} must be a path or a list of paths, got {items[key]!r}")
+            setattr(recipe, key, value)
+    if "overwrite" in items:
+        if not isinstance(items["overwrite"], bool):
+            raise ConfigError(f"recipe {path}: overwrite must be true or false, got {items['overwrite']!r}")
+        recipe.overwrite = items["overwrite"]
+    for key, value in items.items():
+        if key in CONFIG_FIELDS:
+            if not _type_ok(key, value):
+                raise ConfigError(f"recipe {path}: {key} has the wrong type: {value!r}")
+            recipe.config[key] = value
+    return recipe

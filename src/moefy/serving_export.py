@@ -1015,17 +1015,29 @@ def export_model(
     model: MoefyForCausalLM, fmt: str, out: str | Path, src_dir: str | Path | None = None,
     tokenizer: Any = None, overwrite: bool = False, dtype: str = "f32", gating: str | None = None,
 ) -> Path:
-    """Write ``model`` as ``fmt`` to ``out``.  ``gating`` overrides the model's gating first
-    (changing its outputs unless it already equals it: for models trained with that gating)."""
+    """Write ``model`` as ``fmt`` to ``out``.  ``gating`` exports it with that gating instead of its
+    own (the export then computes another function unless the model was trained with it).  The
+    caller's ``model`` is never changed: its gating is set for the export only and restored after,
+    also when the export fails."""
     if fmt not in WRITERS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
-    if gating is not None:
-        set_gating(model, gating)
-    if fmt == "hf" and gating is not None:
+    if gating is None:
+        return WRITERS[fmt](model, out, src_dir=src_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype)
+    if gating not in GATINGS:
+        raise ConfigError(f"unknown gating {gating!r}; choose one of {', '.join(GATINGS)}")
+    if fmt == "hf":
         src_dir = None  # the files on disk have the old gating
-    return WRITERS[fmt](model, out, src_dir=src_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype)
+    saved = (model.config.gating, [None if mlp is None else mlp.gating for mlp in moe_layers(model)])
+    try:
+        set_gating(model, gating)
+        return WRITERS[fmt](model, out, src_dir=src_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype)
+    finally:  # the writers read the gating while converting; nothing keeps a reference to it
+        model.config.gating = saved[0]
+        for mlp, g in zip(moe_layers(model), saved[1]):
+            if mlp is not None:
+                mlp.gating = g
 
 
 def export_checkpoint(
