@@ -181,6 +181,9 @@ def run_convert(
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
     d_ffn = adapter.ffn_weights(layers[0].mlp).d_ffn
+    cfg = cfg.resolve_layout(d_ffn)  # --active: the layout for this d_ffn (explicit flags kept)
+    if cfg.active is not None:
+        log(f"--active {cfg.active}: {cfg.n_experts} experts, top-{cfg.top_k}, {cfg.n_shared} shared by {cfg.shared_by}")
     cfg.validate(d_ffn)
     if cfg.layers is not None and any(i < 0 or i >= len(layers) for i in cfg.layers):
         raise ConfigError(f"--layers must be within 0..{len(layers) - 1}")
