@@ -216,7 +216,7 @@ def test_learned_assignment_moves_neurons_and_export_is_exact(stories_moe, tmp_p
 
 def _train_cmd(ckpt: Path, out: Path, extra: list[str]) -> list[str]:
     return [*MOEFY, "train", str(ckpt), "--out", str(out), "--teacher", str(STORIES), "--data", str(TINYSTORIES),
-            "--tokens", str(64 * 4 * 6), "--seq-len", "64", "--batch-size", "4", "--eval-every", "3",
+            "--tokens", str(64 * 4 * 4), "--seq-len", "64", "--batch-size", "4", "--eval-every", "2",
             "--val-sequences", "4", "--checkpoint-every", "2", "--warmup-steps", "2", *extra]
 
 
@@ -232,11 +232,11 @@ def test_kill_9_then_resume_is_bit_identical(stories_moe, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_train_cmd(stories_moe, ref, []), check=True, env=_env(), capture_output=True)
     out = tmp_path / "out"
-    p = subprocess.run(_train_cmd(stories_moe, out, []), env=_env(MOEFY_TEST_KILL_AFTER_STEP="4"), capture_output=True)
+    p = subprocess.run(_train_cmd(stories_moe, out, []), env=_env(MOEFY_TEST_KILL_AFTER_STEP="2"), capture_output=True)
     assert p.returncode == -signal.SIGKILL and not out.exists()
     p = subprocess.run(_train_cmd(stories_moe, out, []), env=_env(), capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert "resuming training at step 4" in p.stderr
+    assert "resuming training at step 2" in p.stderr
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = json.loads((ref / "moefy.json").read_text()), json.loads((out / "moefy.json").read_text())
@@ -293,21 +293,20 @@ def test_bad_input_is_one_line_and_no_output(stories_moe, tmp_path, capsys):
 
 
 @needs_shared()
-def test_recipe_file_equals_flags(stories_moe, tmp_path):
+def test_recipe_file_equals_flags(stories_moe, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"teacher: {STORIES}\ndata: [{TINYSTORIES}]\n"
         "train:\n  tokens: 768\n  seq_len: 64\n  batch_size: 4\n  val_sequences: 2\n  eval_every: 3\n"
         "  lrs: {experts: 0.001, attention: 0}\n"
     )
-    a = subprocess.run([*MOEFY, "train", str(stories_moe), "--out", str(tmp_path / "a"), "--recipe", str(recipe)],
-                       env=_env(), capture_output=True, text=True)
-    assert a.returncode == 0, a.stderr
-    b = subprocess.run([*MOEFY, "train", str(stories_moe), "--out", str(tmp_path / "b"), "--teacher", str(STORIES),
-                        "--data", str(TINYSTORIES), "--tokens", "768", "--seq-len", "64", "--batch-size", "4",
-                        "--val-sequences", "2", "--eval-every", "3", "--lr-group", "experts=0.001", "--freeze", "attention"],
-                       env=_env(), capture_output=True, text=True)
-    assert b.returncode == 0, b.stderr
+    code, err = run_cli(["train", str(stories_moe), "--out", str(tmp_path / "a"), "--recipe", str(recipe)], capsys)
+    assert code == 0, err
+    code, err = run_cli(["train", str(stories_moe), "--out", str(tmp_path / "b"), "--teacher", str(STORIES),
+                         "--data", str(TINYSTORIES), "--tokens", "768", "--seq-len", "64", "--batch-size", "4",
+                         "--val-sequences", "2", "--eval-every", "3", "--lr-group", "experts=0.001", "--freeze", "attention"],
+                        capsys)
+    assert code == 0, err
     wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
