@@ -211,17 +211,24 @@ class ConvertRecipe:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def load_convert_recipe(path: str | Path) -> ConvertRecipe:
-    """Read and check a convert recipe (YAML); any problem is one line of :class:`ConfigError`."""
+def read_yaml(path: str | Path) -> Any:
+    """The parsed YAML of a recipe file (``convert`` and ``train``); a missing file or bad YAML
+    is one line of :class:`ConfigError`."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+def load_convert_recipe(path: str | Path) -> ConvertRecipe:
+    """Read and check a convert recipe (YAML); any problem is one line of :class:`ConfigError`."""
+    path = Path(path)
+    data = read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):

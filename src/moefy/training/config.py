@@ -123,14 +123,9 @@ class TrainConfig:
 
 def load_recipe(path: Path) -> dict[str, Any]:
     """A YAML recipe: ``{train: {...TrainConfig fields...}, data: [...], teacher: ..., ...}``."""
-    import yaml
+    from ..config import read_yaml
 
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path} must be a mapping")
     return data
