@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--full-test", action="store_true")
     ap.add_argument("--dense-steps", type=int, default=3)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more moefy train settings as key=value")
+    ap.add_argument("--tag", default="", help="suffix for the trained directory and result file (sweeps)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery")
     args = ap.parse_args()
 
@@ -127,7 +128,7 @@ def main() -> None:
     step_tokens = args.seq_len * args.batch_size
     cfg = TrainConfig.from_dict({"tokens": args.tokens, "seq_len": args.seq_len, "batch_size": args.batch_size,
                                  "eval_every": max(1, args.eval_tokens // step_tokens), "checkpoint_every": 10, **settings})
-    trained = base / f"trained-{args.tokens}"
+    trained = base / f"trained-{args.tokens}{args.tag}"
     t1 = time.time()
     res = run_train(lw, trained, cfg, [str(valid)], teacher=args.model, overwrite=True,
                     log=lambda m: print("train:", m, flush=True),
@@ -137,7 +138,7 @@ def main() -> None:
     train_s = time.time() - t1
     entry = res.record["training"][-1]
     result: dict[str, object] = {
-        "layout": args.layout, "experts": E, "top_k": k, "shared": shared, "active_fraction": res.record["active_fraction"],
+        "layout": args.layout, "tag": args.tag, "experts": E, "top_k": k, "shared": shared, "active_fraction": res.record["active_fraction"],
         "calib_tokens": args.calib_tokens, "convert_seconds": round(convert_s, 1), "train_seconds": round(train_s, 1),
         "train": {k2: entry[k2] for k2 in ("tokens", "steps", "kept_step", "tokens_per_second", "peak_rss_mib", "neurons_moved_total")},
         "curve": [{"tokens": h["step"] * step_tokens, "test_ppl_first_windows": h["test_ppl_curve"], "val_kl": h["val_kl"],
@@ -167,7 +168,7 @@ def main() -> None:
     for c in result["curve"]:  # type: ignore[union-attr]
         print(f"| {c['tokens']} | {c['test_ppl_first_windows']:.2f} | {c['val_kl']:.4f} |")
     print(json.dumps({k2: v for k2, v in result.items() if k2 not in ("curve", "config")}, indent=1))
-    out = base / f"result-{args.tokens}.json"
+    out = base / f"result-{args.tokens}{args.tag}.json"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)

@@ -330,3 +330,23 @@ def test_data_free_training_samples_from_the_teacher(stories_moe, tmp_path):
     entry = res.record["training"][-1]
     assert entry["data"].startswith("data-free") and any("sampled from the teacher" in m for m in logs)
     assert entry["tokens"] == 64 * 4 * 2
+
+
+@needs_shared()
+def test_val_data_is_the_held_out_text_and_training_uses_all_of_data(stories_moe, tmp_path, monkeypatch):
+    """``--val-data``: held-out evaluation scores that file's first sequences; the training
+    stream then holds nothing out of ``--data``."""
+    from moefy.training.run import run_train
+
+    seen: dict[str, torch.Tensor] = {}
+    real = PackedData.val_rows
+
+    def spy(self):  # records which stream the held-out rows come from
+        rows = real(self)
+        seen[",".join(self.sources)] = rows
+        return rows
+
+    monkeypatch.setattr(PackedData, "val_rows", spy)
+    run_train(stories_moe, tmp_path / "v", small_cfg(tokens=64 * 4 * 2, eval_every=2, val_sequences=2),
+              [str(TINYSTORIES)], teacher=str(STORIES), val_data=[str(SAMPLE5)], log=QUIET)
+    assert list(seen) == [str(SAMPLE5)] and seen[str(SAMPLE5)].shape == (2, 64)

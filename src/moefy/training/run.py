@@ -167,16 +167,16 @@ def run_train(
         specs, data_desc = [str(f) for f in files], ", ".join(str(f) for f in files)
     stream = PackedData(tok, specs, cfg.seq_len, seed=cfg.seed, val_sequences=0 if val_files else cfg.val_sequences,
                         shuffle_window=cfg.shuffle_window)
+    held = None
     if val_files:
         held = PackedData(tok, [str(f) for f in val_files], cfg.seq_len, seed=cfg.seed, val_sequences=cfg.val_sequences)
-        stream.val_rows = held.val_rows  # type: ignore[method-assign]
         val_desc = f"first {cfg.val_sequences} sequences of {', '.join(str(f) for f in val_files)}"
     else:
         val_desc = f"first {cfg.val_sequences} sequences of the training data (never trained on)"
     log(f"data: {data_desc}; held out: {val_desc}")
     metrics = work.path / "metrics.jsonl"
     outcome = train(student, Teacher(t_loaded.model), stream, cfg, work, accelerator, learn, log=log, report=report,
-                    metrics_path=metrics, extra_eval=extra_eval)
+                    metrics_path=metrics, extra_eval=extra_eval, held_out=held)
     if learn:
         log(f"assignment: {sum(outcome.neurons_moved.values())} neurons moved expert "
             f"({', '.join(f'{i}:{n}' for i, n in outcome.neurons_moved.items())})")

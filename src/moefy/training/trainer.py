@@ -231,8 +231,12 @@ def train(
     report: Report | None = None,
     metrics_path: Path | None = None,
     extra_eval: Callable[[nn.Module], dict[str, Any]] | None = None,
+    held_out: PackedData | None = None,
 ) -> TrainOutcome:
     """Train ``student`` in place; returns what happened. The caller exports it.
+
+    The held-out sequences (keep-best, curve) are ``held_out``'s, when given (``--val-data``),
+    else the first ``val_sequences`` of ``data``, which the training order never visits.
 
     ``extra_eval(model)``, when given, runs at every held-out evaluation (hard routing, no
     grad) and its results are added to that evaluation's record (benchmarks score test text)."""
@@ -284,7 +288,7 @@ def train(
         for j, d in enumerate(lapsum):
             d.k_budget = float(k_l[j].detach()) if detach else k_l[j]
 
-    val_ids = data.val_rows()
+    val_ids = (held_out or data).val_rows()
 
     @torch.no_grad()
     def recalibrate() -> None:
