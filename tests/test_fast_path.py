@@ -188,7 +188,7 @@ def test_decode_reads_expert_weights_through_views_only(transpose_down):
     for op, shapes in log.ops:
         if op in ("mm", "addmm", "addmm_", "linear"):
             assert all(mlp.intermediate_size not in s for s in shapes), (op, shapes)
-    assert any(op == "topk" for op, _ in log.ops)
+    assert any(op in ("topk", "sort") for op, _ in log.ops)  # the routing ran (topk_experts)
 
 
 def test_gradients_match_reference():

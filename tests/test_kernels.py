@@ -211,22 +211,28 @@ def test_unusual_weight_layouts_fall_back_instead_of_failing():
 @needs_compiler
 @pytest.mark.parametrize("gating", ["mask", "softmax", "softmax-renorm"])
 @pytest.mark.parametrize("n_shared,top_k", [(0, 1), (5, 2), (0, 5)])
-def test_fused_routing_kernel_equals_reference(gating, n_shared, top_k, monkeypatch):
-    calls = {"n": 0}
-    real = kernels.moe_decode_topk
+def test_fused_routing_kernel_equals_reference(gating, n_shared, top_k, monkeypatch, kernel_only):
+    """Mask gating routes inside the kernel (one call); weighted gatings are routed by
+    modeling_moefy, their one definition, and run through the range kernel."""
+    calls = {"fused": 0, "ranges": 0}
+    fused, ranges = kernels.moe_decode_topk, kernels.moe_decode
 
-    def counted(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
+    def counted(name, real):
+        def call(*a, **k):
+            calls[name] += 1
+            return real(*a, **k)
+        return call
 
-    monkeypatch.setattr(kernels, "moe_decode_topk", counted)
+    monkeypatch.setattr(kernels, "moe_decode_topk", counted("fused", fused))
+    monkeypatch.setattr(kernels, "moe_decode", counted("ranges", ranges))
     mlp = make_mlp(gating=gating, n_shared=n_shared, top_k=top_k)
     mlp.count_active = True
     with torch.no_grad():
         for seed in range(6):
             x = torch.randn(1, 40, generator=torch.Generator().manual_seed(seed))
             assert close(mlp(x), mlp.forward_reference(x))
-    assert calls["n"] == 6 and mlp.active_pairs == 6 * top_k and mlp.tokens_seen == 6
+    want = {"fused": 6, "ranges": 0} if gating == "mask" else {"fused": 0, "ranges": 6}
+    assert calls == want and mlp.active_pairs == 6 * top_k and mlp.tokens_seen == 6
 
 
 @needs_compiler

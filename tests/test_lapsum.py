@@ -1,4 +1,5 @@
-"""Tests for the LapSum soft top-k (moefy.lapsum)."""
+"""Tests for the LapSum soft top-k: its solve and truncation (moefy.hf.modeling_moefy, the one
+definition) and the gradient, calibration and budgets training adds (moefy.lapsum)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moefy.hf.modeling_moefy import lapsum_keep, lapsum_route, lapsum_soft_topk
 from moefy.lapsum import (
-    LapSumRouter,
     LapSumTopK,
     calibrate_threshold,
     laplace_cdf,
     lapsum_topk,
     layer_budgets,
-    truncated_lapsum,
 )
+
+
+def truncated_lapsum(scores, k, alpha, threshold=0.0, max_active=None):
+    """The training form of the LapSum router: the exported rule with the solve's gradient."""
+    return lapsum_route(scores, k, alpha, threshold, max_active, soft_topk=lapsum_topk)
 
 
 def _bisection_reference(scores: torch.Tensor, k: float, alpha: float) -> torch.Tensor:
@@ -162,7 +167,7 @@ def test_ties_and_huge_scores() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_interval_repair_from_any_guess(dtype: torch.dtype) -> None:
     """The consistency loop reaches the right piece from any starting interval."""
-    from moefy.lapsum import _lapsum_z
+    from moefy.hf.modeling_moefy import _lapsum_z
 
     g = torch.Generator().manual_seed(12)
     r = (torch.randn(6, 10, generator=g, dtype=torch.float64) * 3).to(dtype)
@@ -220,9 +225,10 @@ def test_truncation_zero_grad_and_max_active() -> None:
     assert int(mask.sum(-1).max()) <= 4
     assert bool((w[~mask] == 0).all())
     torch.testing.assert_close(w[mask], full[mask])
-    # kept = threshold AND top-4
-    kept_ref = (full >= 0.05) & torch.zeros_like(mask).scatter_(-1, full.detach().topk(4, -1).indices, True)
-    assert torch.equal(mask, kept_ref)
+    # kept = (threshold OR the best expert) AND top-4
+    best = torch.zeros_like(mask).scatter_(-1, full.detach().argmax(-1, keepdim=True), True)
+    kept_ref = ((full >= 0.05) | best) & torch.zeros_like(mask).scatter_(-1, full.detach().topk(4, -1).indices, True)
+    assert torch.equal(mask, kept_ref) and bool(mask.any(-1).all())
     # dropped weights are constants: d w_dropped / d anything == 0
     (g_drop,) = torch.autograd.grad(w[~mask].sum(), scores, retain_graph=True)
     assert bool((g_drop == 0).all())
@@ -232,10 +238,20 @@ def test_truncation_zero_grad_and_max_active() -> None:
     (g_trunc,) = torch.autograd.grad((w * v).sum(), scores)
     (g_soft,) = torch.autograd.grad((full * v * mask).sum(), scores, retain_graph=True)
     torch.testing.assert_close(g_trunc, g_soft)
-    # without truncation nothing is dropped
+    # without truncation nothing is dropped; the training solve equals the inference one
     w3, mask3 = truncated_lapsum(scores, 3.0, 0.5)
     assert bool(mask3.all())
     torch.testing.assert_close(w3, full)
+    assert torch.equal(lapsum_route(scores.detach(), 3.0, 0.5, 0.05, 4)[0], w.detach())
+    assert torch.equal(lapsum_soft_topk(scores.detach(), 3.0, 0.5), full.detach())
+
+
+def test_truncation_always_keeps_the_best_expert_even_under_ties() -> None:
+    p = torch.tensor([[0.3, 0.3, 0.3, 0.1], [0.05, 0.05, 0.9, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    keep = lapsum_keep(p, 0.95, 2)  # above every weight: only the best expert (lower index among ties)
+    assert keep.tolist() == [[True, False, False, False], [False, False, True, False], [True, False, False, False]]
+    keep = lapsum_keep(p, 0.2, 2)  # max_active breaks the tie toward the lower index too
+    assert keep.tolist() == [[True, True, False, False], [False, False, True, False], [True, True, False, False]]
 
 
 @pytest.mark.parametrize(("target", "max_active"), [(2.5, None), (4.2, None), (2.8, 3), (1.0, 2)])
@@ -265,23 +281,20 @@ def test_layer_budgets() -> None:
         layer_budgets(torch.zeros(8), 7.5)
 
 
-def test_router_end_to_end() -> None:
+def test_learned_budget_through_the_router() -> None:
     torch.manual_seed(10)
-    router = LapSumRouter(hidden_size=32, n_experts=8, alpha=0.5)
+    proj = torch.nn.Linear(32, 8, bias=False)
+    log_alpha = torch.nn.Parameter(torch.tensor(math.log(0.5)))
     eta = torch.zeros(4, requires_grad=True)
     k_layers = layer_budgets(eta, 10.0)
     x = torch.randn(2, 5, 32)
-    w, mask = router(x, k_layers[1])
+    w, mask = truncated_lapsum(proj(x), k_layers[1], log_alpha.exp())
     assert w.shape == mask.shape == (2, 5, 8) and bool(mask.all())
     torch.testing.assert_close(w.sum(-1), k_layers[1].detach().expand(2, 5))
     (w * torch.randn(2, 5, 8)).sum().backward()
-    assert router.proj.weight.grad is not None and router.log_alpha.grad is not None and eta.grad is not None
-    assert abs(float(router.alpha.detach()) - 0.5) < 1e-6
-
-    sparse = LapSumRouter(32, 8, alpha=1.0, threshold=0.1, max_active=3, learn_alpha=False)
-    w, mask = sparse(x, 2.0)
+    assert proj.weight.grad is not None and log_alpha.grad is not None and eta.grad is not None
+    w, mask = truncated_lapsum(proj(x), 2.0, 1.0, threshold=0.1, max_active=3)
     assert int(mask.sum(-1).max()) <= 3 and bool((w[~mask] == 0).all())
-    assert not sparse.log_alpha.requires_grad
 
 
 @settings(max_examples=80, deadline=None)

@@ -7,8 +7,11 @@ In the dense neuron order, with ``H = act(x Wg^T) * (x Wu^T)`` (tokens x d_ffn):
     R      = topk(router(x)); R_ste = R + P - P.detach()
     Y_hat  = (H * (R_ste @ M_ste^T)) @ Wd^T         # shared neurons always 1
 
-Forward values are those of the hard MoE (the exported model computes exactly this);
-gradients reach ``A`` through ``M_soft`` and the router through ``P``.  With the assignment
+Forward values are those of the hard MoE (the exported model computes exactly this): which
+experts a token runs and their weights come from the routing functions of
+:mod:`moefy.hf.modeling_moefy`, the exported model's own; this layer adds only gradients
+(straight-through estimators, the LapSum backward).  Gradients reach ``A`` through ``M_soft``
+and the router through ``P``.  With the assignment
 frozen (``learn_assignment=False``) the same layer trains only a router over a fixed split,
 which is how every baseline split is given the same router training.
 """
@@ -21,9 +24,10 @@ import torch
 from torch import nn
 
 from .adapters import FFNWeights
-from .hf.modeling_moefy import MoefyMLP
-from .ot import assignment_matrix, round_exact, round_greedy, sinkhorn_log, straight_through
+from .hf.modeling_moefy import MoefyMLP, gating_weights, lapsum_route, scatter_weights, topk_experts
+from .lapsum import calibrate_threshold as calibrate_lapsum_threshold
 from .lapsum import lapsum_topk
+from .ot import assignment_matrix, round_exact, round_greedy, sinkhorn_log, straight_through
 from .routing import load_balance_loss, route_ste, z_loss
 from .splits import Split
 
@@ -87,7 +91,7 @@ class DotMoeLayer(nn.Module):
         # LapSum soft top-k (SoftMoE): expert weights F((r - t)/alpha) summing to k (a real
         # budget, possibly learned per layer), truncated below ``threshold``.
         self.router_type = router_type
-        self.gating = gating  # top-k: "mask" (weight 1, DOT-MoE) or "softmax-renorm" (Mixtral's)
+        self.gating = gating  # top-k: "mask" (weight 1, DOT-MoE), "softmax" or "softmax-renorm" (Mixtral's)
         self.k_budget: float | torch.Tensor = float(top_k)
         self.max_active = max_active
         self.log_alpha = nn.Parameter(torch.zeros(()), requires_grad=router_type == "lapsum")
@@ -134,6 +138,12 @@ class DotMoeLayer(nn.Module):
         g = nn.functional.linear(x, self.gate, self.gate_bias)
         return self.act_fn(g) * nn.functional.linear(x, self.up, self.up_bias)
 
+    def _per_neuron(self, weights: torch.Tensor) -> torch.Tensor:
+        """Expert weights ``[..., E]`` -> each routed neuron's ``[..., n_routed]``: exact, the forward
+        assignment is one-hot."""
+        m = self.assignment_ste()
+        return weights.to(m.dtype) @ m.T
+
     def neuron_mask(self, x: torch.Tensor) -> torch.Tensor:
         if self.n_experts == 0:
             full = torch.ones(*x.shape[:-1], self.d_ffn, dtype=x.dtype, device=x.device)
@@ -142,14 +152,14 @@ class DotMoeLayer(nn.Module):
         if self.router_type == "lapsum":
             weights, active = self.lapsum_weights(logits, float(self.threshold))
             self.aux = {"logits": logits, "probs": torch.softmax(logits.float(), -1), "hard": active.float()}
-            routed = weights @ self.assignment_ste().T
+            routed = self._per_neuron(weights)
         else:
             r_ste, hard, probs = route_ste(logits, self.top_k)
             self.aux = {"logits": logits, "probs": probs, "hard": hard}
-            if self.gating == "softmax-renorm":  # exact gradients through the chosen weights
-                top = logits.topk(self.top_k, dim=-1)
-                r_ste = torch.zeros_like(logits).scatter(-1, top.indices, torch.softmax(top.values, dim=-1))
-            routed = r_ste @ self.assignment_ste().T
+            if self.gating != "mask":  # the exported weights, with their exact gradients
+                idx = topk_experts(logits.detach(), self.top_k)
+                r_ste = scatter_weights(logits, idx, gating_weights(logits, idx, self.gating, logits.dtype))
+            routed = self._per_neuron(r_ste)
         full = torch.ones(*x.shape[:-1], self.d_ffn, dtype=x.dtype, device=x.device)
         return full.index_copy(-1, self.routed_idx, routed.to(x.dtype))
 
@@ -159,33 +169,25 @@ class DotMoeLayer(nn.Module):
             h = h * self.neuron_mask(x)
         return nn.functional.linear(h, self.down, self.down_bias)
 
+    def lapsum_alpha(self) -> torch.Tensor:
+        """The LapSum temperature ``exp(log_alpha)`` (fp32), as exported."""
+        return self.log_alpha.float().exp()
+
     def lapsum_weights(self, logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Truncated LapSum weights: ``p >= threshold``, at most ``max_active``, and always the
-        token's best expert (a token never loses its whole FFN)."""
-        p = lapsum_topk(logits, self.k_budget, self.log_alpha.exp())
-        mask = p >= threshold
-        mask = mask | torch.zeros_like(mask).scatter_(-1, p.detach().argmax(-1, keepdim=True), True)
-        if self.max_active is not None and self.max_active < p.shape[-1]:
-            idx = p.detach().topk(self.max_active, dim=-1).indices
-            mask = mask & torch.zeros_like(mask).scatter_(-1, idx, True)
-        return torch.where(mask, p, torch.zeros((), dtype=p.dtype)), mask
+        """Truncated LapSum weights and the kept mask: the exported rule
+        (:func:`moefy.hf.modeling_moefy.lapsum_route`), with the solve's exact gradient."""
+        return lapsum_route(logits, self.k_budget, self.lapsum_alpha(), threshold, self.max_active, soft_topk=lapsum_topk)
 
     @torch.no_grad()
     def calibrate_threshold(self, x: torch.Tensor, target_active: float | None = None, iters: int = 40) -> float:
-        """LapSum: set the truncation threshold (bisection) so the mean number of experts run per
-        token on ``x`` matches ``target_active`` (default: the budget k); returns the mean achieved."""
+        """LapSum: set the truncation threshold (:func:`moefy.lapsum.calibrate_threshold`) so the mean
+        number of experts run per token on ``x`` matches ``target_active`` (default: the budget k);
+        returns the mean achieved."""
         if self.router_type != "lapsum":
             return float(self.top_k)
         target = float(self.k_budget) if target_active is None else target_active
         logits = self.router(x)
-        lo, hi = 0.0, 1.0
-        for _ in range(iters):  # mean active count falls as the threshold rises
-            mid = (lo + hi) / 2
-            if float(self.lapsum_weights(logits, mid)[1].float().sum(-1).mean()) > target:
-                lo = mid
-            else:
-                hi = mid
-        best = min((lo, hi), key=lambda t: abs(float(self.lapsum_weights(logits, t)[1].float().sum(-1).mean()) - target))
+        best = calibrate_lapsum_threshold(logits, self.k_budget, self.lapsum_alpha(), target, self.max_active, iters)
         self.threshold.fill_(best)
         return float(self.lapsum_weights(logits, best)[1].float().sum(-1).mean())
 
@@ -210,7 +212,7 @@ class DotMoeLayer(nn.Module):
             bias=self.gate_bias is not None,
             router=self.router_type,
             gating="lapsum" if self.router_type == "lapsum" else self.gating,
-            lapsum_alpha=float(self.log_alpha.exp()),
+            lapsum_alpha=float(self.lapsum_alpha()),
             lapsum_threshold=float(self.threshold),
             max_active=self.max_active,
         )

@@ -56,7 +56,7 @@ def load(verbose: bool = False) -> ModuleType | None:
         try:
             from torch.utils import cpp_extension
 
-            name = f"moefy_moe_decode_cpu_v1_{torch.backends.cpu.get_cpu_capability().lower()}"
+            name = f"moefy_moe_decode_cpu_v2_{torch.backends.cpu.get_cpu_capability().lower()}"
             build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
             if not (build_dir / f"{name}.so").exists():
                 print(f"moefy: building the CPU decode kernel once (about a minute), cached in {build_dir}", file=sys.stderr)
@@ -94,23 +94,22 @@ def moe_decode(
     return mod.moe_decode(x.contiguous(), gate, up, down_t, starts, ends, scales, ACTIVATIONS[activation])
 
 
-GATINGS = {"mask": 0, "softmax": 1, "softmax-renorm": 2}
-
-
 def moe_decode_topk(
     x: torch.Tensor, router: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down_t: torch.Tensor,
     offsets: list[int], n_shared: int, top_k: int, gating: str, activation: str,
 ) -> torch.Tensor | None:
-    """The whole batch-1 MoE FFN in one call: router logits (rounded to ``x``'s dtype, as
-    nn.Linear gives them), top-``top_k`` experts (expert ``e`` = neurons ``offsets[e]:offsets[e+1]``),
-    their ``gating`` weights, the always-active neurons ``0:n_shared`` and the FFN, in fp32;
-    ``None`` when the kernel is unavailable for these inputs."""
+    """The whole batch-1 MoE FFN with mask gating in one call: router logits (rounded to ``x``'s
+    dtype, as nn.Linear gives them), the top-``top_k`` experts by the rule of
+    ``moefy.hf.modeling_moefy.topk_experts`` (ties: lower index), each weighted 1 (expert ``e`` =
+    neurons ``offsets[e]:offsets[e+1]``), the always-active neurons ``0:n_shared`` and the FFN, in
+    fp32; ``None`` when the kernel is unavailable for these inputs, or ``gating`` is not ``"mask"``:
+    weighted gatings have one definition, in modeling_moefy, and run through :func:`moe_decode`.
+    (``gating`` stays in the signature for the modeling files of checkpoints saved before, which
+    pass it: they get ``None`` and route in Python.)"""
     mod = usable(x, activation)
-    if mod is None or gating not in GATINGS:
+    if mod is None or gating != "mask":
         return None
-    return mod.moe_decode_topk(
-        x.contiguous(), router, gate, up, down_t, offsets, n_shared, top_k, GATINGS[gating], ACTIVATIONS[activation]
-    )
+    return mod.moe_decode_topk(x.contiguous(), router, gate, up, down_t, offsets, n_shared, top_k, ACTIVATIONS[activation])
 
 
 def status() -> dict[str, Any]:

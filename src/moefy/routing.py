@@ -1,21 +1,23 @@
-"""Top-k routing with a straight-through estimator, and the router's auxiliary losses.
+"""What training adds to the top-k router: a straight-through estimator and auxiliary losses.
 
-Forward uses the hard top-k mask ``R`` (the experts actually run, each weighted 1, so
-k = E reproduces the dense FFN exactly); backward uses the router probabilities
-``P = softmax(logits)``: ``R_ste = R + P - P.detach()``.
+Which experts a token runs is defined once, by :func:`moefy.hf.modeling_moefy.topk_experts`
+(as is how they are weighted, :func:`~moefy.hf.modeling_moefy.gating_weights`).  Forward uses
+the hard top-k mask ``R`` (the experts actually run, each weighted 1, so k = E reproduces the
+dense FFN exactly); backward uses the router probabilities ``P = softmax(logits)``:
+``R_ste = R + (P - P.detach())``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .hf.modeling_moefy import scatter_weights, topk_experts
 from .ot import straight_through
 
 
 def topk_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """0/1 mask of the ``k`` largest logits per row."""
-    idx = logits.topk(k, dim=-1).indices
-    return torch.zeros_like(logits).scatter(-1, idx, 1.0)
+    """0/1 mask of the experts :func:`~moefy.hf.modeling_moefy.topk_experts` chooses."""
+    return scatter_weights(logits, topk_experts(logits, k), None)
 
 
 def route_ste(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -141,12 +141,12 @@ void run(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, cons
 template <typename T>
 inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
 
-// Router logits (rounded to T, as nn.Linear in T gives them), top-k experts and their weights:
-// gating 0 = mask (1), 1 = softmax over all experts, 2 = softmax over the top-k logits
-// (weights rounded to T, as moefy's PyTorch path computes them).
+// Router logits (rounded to T, as nn.Linear in T gives them) and the top-k experts, by the rule of
+// moefy.hf.modeling_moefy.topk_experts: larger logit first, the lower index among equal logits.
+// Only mask gating (every weight 1) is routed here; weighted gatings have one definition, in
+// modeling_moefy, and reach the kernel as scales of moe_decode.
 template <typename T>
-void route(const at::Tensor& x, const at::Tensor& router, int64_t k, int64_t gating, std::vector<int64_t>& experts,
-           std::vector<float>& weights) {
+void route(const at::Tensor& x, const at::Tensor& router, int64_t k, std::vector<int64_t>& experts) {
   const int64_t hidden = x.size(0), n_experts = router.size(0);
   const T* xp = x.data_ptr<T>();
   const T* rp = router.data_ptr<T>();
@@ -163,25 +163,15 @@ void route(const at::Tensor& x, const at::Tensor& router, int64_t k, int64_t gat
       logits[f] = round_to<T>(b);
     }
   });
-  // top-k, larger logit first, lower index first among equals
   std::vector<bool> taken(n_experts, false);
   experts.assign(k, 0);
   for (int64_t j = 0; j < k; ++j) {
     int64_t best = -1;
     for (int64_t e = 0; e < n_experts; ++e)
-      if (!taken[e] && (best < 0 || logits[e] > logits[best])) best = e;
+      if (!taken[e] && (best < 0 || logits[e] > logits[best])) best = e;  // strict: ties keep the lower index
     taken[best] = true;
     experts[j] = best;
   }
-  weights.assign(k, 1.0f);
-  if (gating == 0) return;
-  const bool all = gating == 1;
-  float mx = -INFINITY;
-  for (int64_t e = 0; e < (all ? n_experts : k); ++e) mx = std::max(mx, logits[all ? e : experts[e]]);
-  double z = 0.0;
-  for (int64_t e = 0; e < (all ? n_experts : k); ++e) z += std::exp(static_cast<double>(logits[all ? e : experts[e]] - mx));
-  for (int64_t j = 0; j < k; ++j)
-    weights[j] = round_to<T>(static_cast<float>(std::exp(static_cast<double>(logits[experts[j]] - mx)) / z));
 }
 
 void check_weights(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& up, const at::Tensor& down_t) {
@@ -224,24 +214,22 @@ at::Tensor moe_decode(at::Tensor x, at::Tensor gate, at::Tensor up, at::Tensor d
   return ffn(x, gate, up, down_t, starts, ends, scl, act);
 }
 
-// The whole batch-1 MoE FFN with top-k routing in one call: router [E, hidden] (x's dtype);
+// The whole batch-1 MoE FFN with top-k mask routing in one call: router [E, hidden] (x's dtype);
 // expert e owns neurons offsets[e]:offsets[e+1]; neurons 0:n_shared are always active.
 at::Tensor moe_decode_topk(at::Tensor x, at::Tensor router, at::Tensor gate, at::Tensor up, at::Tensor down_t,
-                           std::vector<int64_t> offsets, int64_t n_shared, int64_t k, int64_t gating, int64_t act) {
+                           std::vector<int64_t> offsets, int64_t n_shared, int64_t k, int64_t act) {
   check_weights(x, gate, up, down_t);
   TORCH_CHECK(router.dim() == 2 && router.size(1) == x.size(0) && (router.stride(1) == 1 || router.size(1) == 1) &&
               router.scalar_type() == x.scalar_type(), "router must be [experts, hidden] in x's dtype");
   const int64_t n_experts = router.size(0);
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == n_experts + 1, "need experts + 1 offsets");
   TORCH_CHECK(1 <= k && k <= n_experts, "top_k must be in 1..experts");
-  TORCH_CHECK(gating >= 0 && gating <= 2, "unknown gating code");
   pybind11::gil_scoped_release release;
   std::vector<int64_t> experts;
-  std::vector<float> weights;
   switch (x.scalar_type()) {
-    case at::kFloat: route<float>(x, router, k, gating, experts, weights); break;
-    case at::kBFloat16: route<c10::BFloat16>(x, router, k, gating, experts, weights); break;
-    case at::kHalf: route<c10::Half>(x, router, k, gating, experts, weights); break;
+    case at::kFloat: route<float>(x, router, k, experts); break;
+    case at::kBFloat16: route<c10::BFloat16>(x, router, k, experts); break;
+    case at::kHalf: route<c10::Half>(x, router, k, experts); break;
     default: TORCH_CHECK(false, "moe_decode_topk: unsupported dtype ", x.scalar_type());
   }
   std::vector<int64_t> starts, ends;
@@ -254,12 +242,12 @@ at::Tensor moe_decode_topk(at::Tensor x, at::Tensor router, at::Tensor gate, at:
   for (int64_t j = 0; j < k; ++j) {
     starts.push_back(offsets[experts[j]]);
     ends.push_back(offsets[experts[j] + 1]);
-    scl.push_back(weights[j]);
+    scl.push_back(1.0f);
   }
   return ffn(x, gate, up, down_t, starts, ends, scl, act);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_decode", &moe_decode, "batch-1 MoE FFN decode over given neuron ranges (CPU)");
-  m.def("moe_decode_topk", &moe_decode_topk, "batch-1 MoE FFN decode with top-k routing (CPU)");
+  m.def("moe_decode_topk", &moe_decode_topk, "batch-1 MoE FFN decode with top-k mask routing (CPU)");
 }

@@ -8,6 +8,8 @@ row slice of ``gate_proj``/``up_proj`` and a column slice of ``down_proj`` (a vi
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,20 +24,262 @@ except ImportError:  # pragma: no cover - plain import when vendored elsewhere
     from configuration_moefy import MoefyConfig  # type: ignore[no-redef]
 
 
-def _laplace_cdf(z: torch.Tensor) -> torch.Tensor:
-    return torch.where(z < 0, 0.5 * torch.exp(z.clamp(max=0)), 1 - 0.5 * torch.exp(-z.clamp(min=0)))
+# =========================================================================== routing and gating
+# The one definition of inference-time routing: which experts a token runs and with what weight.
+# Everything that routes imports these functions: MoefyMLP below (prefill, batch-1 decode and
+# forward_reference), moefy's training layer (moefy.dotmoe.DotMoeLayer and moefy.routing, whose
+# straight-through estimators only add gradients) and moefy.lapsum (whose autograd Function wraps
+# the LapSum solve below).  The compiled decode kernel (moefy.kernels) cannot import Python: its
+# route() mirrors topk_experts (same tie rule) and is used only for mask gating, where every weight
+# is 1; tests/test_routing_agreement.py checks that all of them agree token by token.
+#
+# Routing is a function of the router logits.  The logits themselves are a matmul, whose last bit
+# can depend on the summation order of the BLAS call (batch size, kernel), as in any model.
+
+GATINGS = ("mask", "softmax", "softmax-renorm")  # weights of the top-k router's chosen experts
+_TOPK_FAST_MIN_ROWS = 64  # CPU, many rows: torch.topk plus a tie check beats a stable sort
 
 
-def lapsum_threshold_bisect(scores: torch.Tensor, k: float, alpha: float, iters: int = 60) -> torch.Tensor:
-    """Threshold ``t`` (per row) with ``sum_i F((s_i - t)/alpha) = k`` by bisection (inference only)."""
-    lo = scores.min(dim=-1, keepdim=True).values - 50 * alpha
-    hi = scores.max(dim=-1, keepdim=True).values + 50 * alpha
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        total = _laplace_cdf((scores - mid) / alpha).sum(dim=-1, keepdim=True)
-        lo = torch.where(total > k, mid, lo)
-        hi = torch.where(total > k, hi, mid)
-    return (lo + hi) / 2
+def topk_experts(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[..., k]`` of the ``k`` largest logits per row: the experts a token runs.
+
+    Tie rule: among equal logits the lower expert index wins (``torch.topk`` leaves ties
+    unspecified, and picked the higher index on CPU).  The chosen set is defined; the order of
+    the returned indices is by logit, and unspecified among equal logits.
+    """
+    n = logits.shape[-1]
+    if k >= n:
+        return torch.arange(n, device=logits.device).expand(*logits.shape[:-1], n)
+    if logits.device.type == "cpu" and logits.numel() >= _TOPK_FAST_MIN_ROWS * n:
+        top = logits.topk(k, dim=-1)
+        if not bool((logits >= top.values[..., -1:]).sum(-1).gt(k).any()):  # no tie at the k-th place
+            return top.indices
+    return torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def gating_weights(logits: torch.Tensor, idx: torch.Tensor, gating: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """Weights ``[..., k]`` of the chosen experts ``idx`` (``None`` for ``mask``: each weight is 1),
+    computed in fp32 and rounded once to ``dtype``; differentiable in ``logits``.
+
+    ``softmax``: the softmax over all experts at the chosen ones; ``softmax-renorm``: the softmax
+    over the chosen logits only (Mixtral's, sums to 1).
+    """
+    if gating == "mask":
+        return None
+    if gating == "softmax":
+        return torch.softmax(logits.float(), dim=-1).gather(-1, idx).to(dtype)
+    if gating == "softmax-renorm":
+        return torch.softmax(logits.float().gather(-1, idx), dim=-1).to(dtype)
+    raise ValueError(f"unknown gating {gating!r}; choose one of {', '.join(GATINGS)}")
+
+
+def topk_route(logits: torch.Tensor, k: int, gating: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The top-k router: chosen experts ``[..., k]`` and their weights (``None``: all 1)."""
+    idx = topk_experts(logits, k)
+    return idx, gating_weights(logits, idx, gating, dtype)
+
+
+def scatter_weights(logits: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor | None) -> torch.Tensor:
+    """Dense ``[..., E]`` weights (logits' dtype) from chosen experts: ``vals`` there (1 if ``None``), 0 elsewhere."""
+    src = torch.ones(idx.shape, dtype=logits.dtype, device=logits.device) if vals is None else vals.to(logits.dtype)
+    return torch.zeros_like(logits).scatter(-1, idx, src)
+
+
+# --------------------------------------------------------------------------- LapSum soft top-k
+# SoftMoE's LapSum router.  For scores ``r`` (one row per token, ``n`` experts), a temperature
+# ``alpha > 0`` and a real budget ``k`` in ``(0, n)`` the weights are ``p_i = F((r_i - t) / alpha)``,
+# ``F`` the standard Laplace CDF, with the threshold ``t`` chosen so that ``sum_i p_i = k``.
+#
+# Closed-form threshold.  ``S(t) = sum_i F((r_i - t) / alpha)`` decreases strictly from ``n`` to 0.
+# Sort the scores descending, ``s_1 >= ... >= s_n``, and write ``u_i = s_i / alpha``,
+# ``tau = t / alpha``.  When ``s_{m+1} <= t <= s_m``,
+#     S = m - 0.5 e^tau A + 0.5 e^-tau B,   A = sum_{i<=m} e^(-u_i),  B = sum_{i>m} e^(u_i),
+# and ``S = k`` is the quadratic ``A z^2 - 2 d z - B = 0`` in ``z = e^tau`` (``d = m - k``), with
+# positive root ``z = (d + sqrt(d^2 + AB)) / A`` (= ``B / (sqrt(d^2 + AB) - d)``, cancellation-free
+# for ``d < 0``).  ``m`` is the number of sorted scores with ``S(s_j) <= k``, every ``S(s_j)`` from two
+# cumulative sums.  The root is evaluated in the log domain relative to a pivot score next to ``t``,
+# so nothing overflows however large the scores or small ``alpha``; a root outside its own interval
+# (rounding, spread ~ alpha / eps) moves ``m`` until consistent, and one Newton step on ``tau``
+# (residual accumulated in float64) removes the remaining rounding.  Ties are harmless:
+# ``F(0) = 1/2`` from both sides.  (The exact gradient is in moefy.lapsum, which trains it.)
+
+Scalar = float | int | torch.Tensor
+
+
+def laplace_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Standard Laplace CDF ``F(x)``: ``0.5 e^x`` for ``x < 0``, ``1 - 0.5 e^-x`` otherwise."""
+    half = 0.5 * torch.exp(-x.abs())
+    return torch.where(x < 0, half, 1.0 - half)
+
+
+def lapsum_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _accumulate_dtype(device: torch.device) -> torch.dtype:
+    """dtype for per-row sums and for ``k`` itself (MPS has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _as_row_param(value: Scalar, batch_shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``k`` / ``alpha`` as a ``[..., 1]`` tensor broadcast over the rows of ``scores``."""
+    t = torch.as_tensor(value, dtype=dtype, device=device)
+    if t.dim() > len(batch_shape):
+        raise ValueError(
+            f"k/alpha of shape {tuple(t.shape)} must broadcast to the batch shape {tuple(batch_shape)} "
+            "(one value per row of scores)"
+        )
+    return t.expand(batch_shape).unsqueeze(-1)
+
+
+def _logaddexp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``log(e^a + e^b)``, the same in every row whatever the batch (``torch.logaddexp`` on CPU
+    rounds differently in its vectorised body and its tail, so a token's LapSum weights would
+    depend on which tokens share its batch)."""
+    hi = torch.maximum(a, b)
+    out = hi + torch.log1p(torch.exp(-(a - b).abs()))
+    return torch.where(hi == -math.inf, hi, out)
+
+
+def _piece_root(rs: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Root of the piece of ``S(t) = k`` that treats the top ``m`` sorted scores as upper:
+    ``(pivot, tau)`` with ``t = pivot + alpha * tau``.  The pivot is ``s_m`` when ``d = m - k >= 0``,
+    else ``s_{m+1}``, so ``|tau|`` stays small wherever ``z`` is not saturated.  Finite for every
+    ``m`` in ``[0, n]`` when ``0 < k < n``."""
+    n = rs.shape[-1]
+    d = m.to(rs.dtype) - k
+    pivot = torch.gather(rs, -1, torch.where(d >= 0, m - 1, m).clamp(0, n - 1))
+    v = (rs - pivot) / alpha
+    upper = torch.arange(n, device=rs.device) < m  # sorted positions counted above t
+    neg_inf = torch.tensor(-math.inf, dtype=rs.dtype, device=rs.device)
+    log_a = torch.logsumexp(torch.where(upper, -v, neg_inf), dim=-1, keepdim=True)
+    log_b = torch.logsumexp(torch.where(upper, neg_inf, v), dim=-1, keepdim=True)
+    log_d = torch.log(d.abs())
+    log_root = _logaddexp(log_d, 0.5 * _logaddexp(2.0 * log_d, log_a + log_b))  # log(|d| + sqrt(d^2 + AB))
+    tau = torch.where(d >= 0, log_root - log_a, log_b - log_root)
+    return pivot, tau
+
+
+def _partial_sums_log(us: torch.Tensor) -> torch.Tensor:
+    """``S(s_j)`` from log-cumulative sums: any spread, slower on CPU."""
+    n = us.shape[-1]
+    head = torch.exp(us + torch.logcumsumexp(-us, dim=-1))  # sum_{i<=j} e^(u_j - u_i) in [1, j]
+    tail_incl = torch.logcumsumexp(us.flip(-1), dim=-1).flip(-1)  # log sum_{i>=j} e^(u_i)
+    tail_excl = torch.cat([tail_incl[..., 1:], torch.full_like(tail_incl[..., :1], -math.inf)], dim=-1)
+    tail = torch.exp(tail_excl - us)  # sum_{i>j} e^(u_i - u_j) in [0, n - j]
+    j = torch.arange(1, n + 1, dtype=us.dtype, device=us.device)
+    return j - 0.5 * head + 0.5 * tail
+
+
+def _sorted_partial_sums(us: torch.Tensor) -> torch.Tensor:
+    """``S(s_j) = j - 0.5 sum_{i<=j} e^(u_j - u_i) + 0.5 sum_{i>j} e^(u_i - u_j)`` (non-decreasing in j).
+
+    ``us``: ``[rows, n]`` sorted descending with ``us[:, 0] = 0``.  Rows whose spread ``R`` fits
+    the dtype's exponent range use plain cumulative sums of ``e^(+-(u - c))`` around ``c = -R/2``;
+    wider rows fall back to log-cumulative sums.
+    """
+    n = us.shape[-1]
+    spread = -us[:, -1:]
+    limit = 2.0 * (math.log(torch.finfo(us.dtype).max) - math.log(n) - 2.0)
+    c = -0.5 * spread.clamp_max(limit)
+    up = torch.exp(c - us)  # e^(c - u_i) in [e^(-R/2), e^(R/2)]
+    down = torch.exp(us - c)  # e^(u_i - c)
+    head = down * up.cumsum(dim=-1)
+    tail_incl = down.flip(-1).cumsum(dim=-1).flip(-1)
+    tail = up * torch.cat([tail_incl[:, 1:], torch.zeros_like(tail_incl[:, :1])], dim=-1)
+    j = torch.arange(1, n + 1, dtype=us.dtype, device=us.device)
+    s_at = j - 0.5 * head + 0.5 * tail
+    wide = (spread > limit).squeeze(-1)
+    if bool(wide.any()):
+        s_at[wide] = _partial_sums_log(us[wide])
+    return s_at
+
+
+def _lapsum_z(r: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor, m_guess: torch.Tensor | None = None) -> torch.Tensor:
+    """``z_i = (r_i - t) / alpha`` for scores ``r`` (``[..., n]``, compute dtype), ``alpha``
+    (``[..., 1]``, compute dtype) and ``k`` (``[..., 1]``, accumulation dtype), formed as
+    ``(r - r_pivot) / alpha - tau`` so its rounding error scales with ``|z|``.  ``m_guess``
+    (tests only) replaces the located interval, to exercise the repair loop."""
+    n = r.shape[-1]
+    k_acc, k = k, k.to(r.dtype)
+    rs, _ = torch.sort(r, dim=-1, descending=True)
+    us = (rs - rs[..., :1]) / alpha  # relative to the row max; the loop below repairs a wrong pick
+    s_at = _sorted_partial_sums(us.reshape(-1, n)).reshape(us.shape)
+    m = (s_at <= k).sum(dim=-1, keepdim=True)  # threshold lies in [s_{m+1}, s_m]
+    if m_guess is not None:
+        m = m_guess.expand_as(m)
+    # Accept the piece if its root lies in its own interval (up to ``tol`` in z); otherwise move m
+    # to the number of scores above that root (monotone towards the true interval, normally no pass).
+    tol = math.sqrt(torch.finfo(r.dtype).eps)
+    inf = torch.tensor(math.inf, dtype=r.dtype, device=r.device)
+    for _ in range(n + 1):
+        pivot, tau = _piece_root(rs, k, alpha, m)
+        zs = (rs - pivot) / alpha - tau  # sorted, non-increasing
+        z_last_up = torch.where(m > 0, torch.gather(zs, -1, (m - 1).clamp_min(0)), inf)
+        z_first_low = torch.where(m < n, torch.gather(zs, -1, m.clamp_max(n - 1)), -inf)
+        ok = (z_last_up >= -tol) & (z_first_low <= tol)
+        if bool(ok.all()):
+            break
+        m = torch.where(ok, m, (zs >= 0).sum(dim=-1, keepdim=True))
+    z = (r - pivot) / alpha - tau
+    # One Newton step on tau (dS/dtau = -sum g), residual (#{z >= 0} - k) + sum_i sign_i g_i
+    # accumulated in float64, clamped to ``tol``: the weights then sum to k up to their own rounding.
+    above = z >= 0
+    half = 0.5 * torch.exp(-z.abs())  # = g, the Laplace density at z
+    resid = torch.where(above, -half, half).sum(dim=-1, keepdim=True, dtype=k_acc.dtype)
+    resid = resid + (above.sum(dim=-1, keepdim=True).to(k_acc.dtype) - k_acc)
+    step = resid.to(r.dtype) / half.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(r.dtype).tiny)
+    return z - step.clamp(-tol, tol)
+
+
+def lapsum_offsets(scores: torch.Tensor, k: Scalar, alpha: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(z, alpha_rows)``: ``z = (scores - t) / alpha`` with ``sum_i F(z_i) = k`` per row, in the
+    compute dtype (float32; float64 for float64 scores), and ``alpha`` as ``[..., 1]``.  ``k`` and
+    ``alpha``: numbers or tensors broadcastable to ``scores.shape[:-1]``, ``0 < k < n``,
+    ``alpha > 0``.  No autograd (moefy.lapsum.lapsum_topk adds the exact gradient)."""
+    if scores.dim() < 1 or scores.shape[-1] < 1:
+        raise ValueError(f"scores must have a non-empty last (expert) dim, got {tuple(scores.shape)}")
+    n = scores.shape[-1]
+    if not isinstance(k, torch.Tensor) and not 0.0 < float(k) < n:
+        raise ValueError(f"k must lie in (0, n_experts) = (0, {n}), got {k}")
+    if not isinstance(alpha, torch.Tensor) and not float(alpha) > 0.0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    cdt = lapsum_compute_dtype(scores.dtype)
+    batch, dev = scores.shape[:-1], scores.device
+    kk = _as_row_param(k.detach() if isinstance(k, torch.Tensor) else k, batch, _accumulate_dtype(dev), dev)
+    aa = _as_row_param(alpha.detach() if isinstance(alpha, torch.Tensor) else alpha, batch, cdt, dev)
+    with torch.no_grad():
+        return _lapsum_z(scores.detach().to(cdt), kk, aa), aa
+
+
+def lapsum_soft_topk(scores: torch.Tensor, k: Scalar, alpha: Scalar) -> torch.Tensor:
+    """LapSum weights ``p`` (``[..., n]`` in the compute dtype, in ``[0, 1]``, ``p.sum(-1) == k``); no autograd."""
+    return laplace_cdf(lapsum_offsets(scores, k, alpha)[0])
+
+
+def lapsum_keep(p: torch.Tensor, threshold: float, max_active: int | None) -> torch.Tensor:
+    """Experts a LapSum token runs (bool ``[..., n]``): ``p >= threshold``, always the token's best
+    expert (a token never loses its whole FFN), at most the ``max_active`` largest; ties as in
+    :func:`topk_experts` (lower index), so the best expert is always among the ``max_active``."""
+    p = p.detach()
+    keep = (p >= threshold).scatter(-1, topk_experts(p, 1), True)
+    if max_active is not None and max_active < p.shape[-1]:
+        keep = keep & torch.zeros_like(keep).scatter(-1, topk_experts(p, max_active), True)
+    return keep
+
+
+def lapsum_route(
+    logits: torch.Tensor, k: Scalar, alpha: Scalar, threshold: float, max_active: int | None,
+    soft_topk: Callable[[torch.Tensor, Scalar, Scalar], torch.Tensor] = lapsum_soft_topk,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LapSum router: ``(weights, keep)``, both ``[..., n]``; ``weights`` are the soft top-k
+    weights (fp32; fp64 for fp64 logits) where kept and exactly 0 elsewhere, not renormalised.
+    ``soft_topk``: the solve (training passes moefy.lapsum.lapsum_topk, the same values with
+    gradients)."""
+    p = soft_topk(logits.to(lapsum_compute_dtype(logits.dtype)), k, alpha)
+    keep = lapsum_keep(p, threshold, max_active)
+    return torch.where(keep, p, torch.zeros((), dtype=p.dtype, device=p.device)), keep
 
 
 # --------------------------------------------------------------------------- batch-1 decode
@@ -125,34 +369,13 @@ class MoefyMLP(nn.Module):
     # ----------------------------------------------------------------- routing
     def _topk_route(self, logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chosen experts ``[tokens, k]`` and their weights (``None`` for mask gating: all 1)."""
-        k = int(self.top_k)
-        top = logits.topk(k, dim=-1)
-        if self.gating == "mask":
-            return top.indices, None
-        if self.gating == "softmax":
-            vals = torch.softmax(logits.float(), dim=-1).gather(-1, top.indices).to(dtype)
-        elif self.gating == "softmax-renorm":
-            vals = torch.softmax(top.values.float(), dim=-1).to(dtype)
-        else:
-            raise ValueError(f"unknown gating {self.gating!r}")
-        return top.indices, vals
+        return topk_route(logits, int(self.top_k), self.gating, dtype)
 
     def _dense_weights(self, logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.router_type == "lapsum":
-            scores = logits.float()
-            t = lapsum_threshold_bisect(scores, float(self.top_k), self.lapsum_alpha)
-            w = _laplace_cdf((scores - t) / self.lapsum_alpha)
-            keep = (w >= self.lapsum_threshold) | torch.zeros_like(w, dtype=torch.bool).scatter_(
-                -1, w.argmax(-1, keepdim=True), True
-            )  # a token always keeps its best expert
-            if self.max_active is not None and self.max_active < self.n_experts:
-                keep = keep & torch.zeros_like(keep).scatter_(-1, w.topk(self.max_active, dim=-1).indices, True)
-            w = torch.where(keep, w, torch.zeros_like(w))
+            w, _ = lapsum_route(logits, float(self.top_k), self.lapsum_alpha, self.lapsum_threshold, self.max_active)
             return w.to(dtype)
-        idx, vals = self._topk_route(logits, dtype)
-        if vals is None:
-            vals = torch.ones(idx.shape, dtype=logits.dtype, device=logits.device)
-        return torch.zeros_like(logits).scatter(-1, idx, vals)
+        return scatter_weights(logits, *self._topk_route(logits, dtype))
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Dense ``[tokens, E]`` weights, zero for experts a token does not use."""
@@ -242,13 +465,14 @@ class MoefyMLP(nn.Module):
         if (
             kernel
             and self.router_type == "topk"
+            and self.gating == "mask"
             and not (r._forward_hooks or r._forward_pre_hooks)
             and r.weight.dtype == x.dtype
             and 1 <= int(self.top_k) <= self.n_experts
-        ):  # routing inside the kernel too: one call for the whole FFN
+        ):  # routing inside the kernel too (its route() is topk_experts; every weight 1): one call
             fused = _kernels.moe_decode_topk(
                 x[0], r.weight, self.gate_proj.weight, self.up_proj.weight, down_t, self.offsets,
-                self.n_shared, int(self.top_k), self.gating, self.hidden_act,
+                self.n_shared, int(self.top_k), "mask", self.hidden_act,
             )
             if fused is not None:
                 if self.count_active:

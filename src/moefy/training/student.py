@@ -62,9 +62,22 @@ class Student:
         return {i: int((d.hard_assignment().cpu() != self.initial_assign[i]).sum()) for i, d in self.layers.items()}
 
 
+def _log_exactly(alpha: float) -> torch.Tensor:
+    """An fp32 ``log_alpha`` whose fp32 ``exp`` is ``alpha`` itself, so the student routes as the
+    checkpoint does (a DotMoeLayer exported ``alpha = exp(log_alpha)``, so one exists; else the nearest)."""
+    target = torch.tensor(alpha, dtype=torch.float32)
+    t = torch.tensor(math.log(alpha), dtype=torch.float32)
+    for _ in range(16):
+        e = t.exp()
+        if e == target:
+            break
+        t = torch.nextafter(t, torch.tensor(math.inf if e < target else -math.inf))
+    return t
+
+
 def _layer_from_mlp(mlp: MoefyMLP, learn_assignment: bool, rounding: str, sinkhorn_iters: int, margin: float) -> DotMoeLayer:
-    if mlp.gating not in ("mask", "softmax-renorm", "lapsum"):
-        raise ConfigError(f"moefy train supports mask, softmax-renorm and LapSum routing; this checkpoint uses {mlp.gating!r}")
+    if mlp.gating not in ("mask", "softmax", "softmax-renorm", "lapsum"):
+        raise ConfigError(f"moefy train supports mask, softmax, softmax-renorm and LapSum routing; this checkpoint uses {mlp.gating!r}")
     bias = mlp.gate_proj.bias is not None
     ffn = FFNWeights(
         mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
@@ -84,7 +97,7 @@ def _layer_from_mlp(mlp: MoefyMLP, learn_assignment: bool, rounding: str, sinkho
         if mlp.n_experts:
             dot.router.weight.copy_(mlp.router.weight.float())
         if lapsum:
-            dot.log_alpha.fill_(math.log(mlp.lapsum_alpha))
+            dot.log_alpha.copy_(_log_exactly(mlp.lapsum_alpha))
             dot.threshold.fill_(mlp.lapsum_threshold)
             dot.k_budget = float(mlp.top_k)
     return dot.to(mlp.gate_proj.weight.device)
