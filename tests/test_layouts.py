@@ -143,8 +143,8 @@ def _cli_config(monkeypatch, args: list[str]) -> tuple[dict, ConvertConfig]:
 
     seen: dict = {}
 
-    def fake(model, out, cfg, calib_files=None, overwrite=False, log=print, progress=None, train_files=None):
-        seen.update(model=model, out=Path(out), calib=calib_files, overwrite=overwrite, train=train_files, cfg=cfg)
+    def fake(model, out, cfg, calib_files=None, overwrite=False, log=print, progress=None, train_files=None, **job):
+        seen.update(model=model, out=Path(out), calib=calib_files, overwrite=overwrite, train=train_files, cfg=cfg, job=job)
         raise _Captured
 
     monkeypatch.setattr(moefy.runner, "run_convert", fake)

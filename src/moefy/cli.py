@@ -6,6 +6,7 @@ own exit code, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -17,7 +18,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .errors import CalibrationDataError, ConfigError, InterruptedRun, MoefyError, OutOfMemoryError, OutputExistsError
+from .errors import (
+    CalibrationDataError,
+    ConfigError,
+    DiskFullError,
+    InterruptedRun,
+    MoefyError,
+    OutOfMemoryError,
+    OutputExistsError,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Convert dense decoder LLMs into sparse Mixture-of-Experts (DOT-MoE).")
 console = Console(stderr=True)
@@ -80,6 +89,11 @@ def convert(
     budget_mode: Annotated[str, typer.Option(help="LapSum: learned (per-layer k_l, needs --stage e2e|both) | fixed (K/L)")] = "learned",
     max_active: Annotated[Optional[int], typer.Option(help="LapSum: most experts one token may use.")] = None,
     token_weighting: Annotated[str, typer.Option(help="Layer loss: clip (cap outlier tokens' share) | none (plain summed MSE)")] = "none",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights and carried activations: bf16 | fp16 | fp32 (fitting runs in fp32). [default: the checkpoint's own; fp32 for GGUF and --stage e2e|both]", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="Where each layer is fitted: cpu | cuda | cuda:N | auto (the first GPU, else the CPU).")] = "auto",
+    onload: Annotated[Optional[bool], typer.Option("--onload/--no-onload", help="Read the dense model layer by layer from its safetensors files (peak memory: one layer plus activations), or load it whole. [default: layer by layer whenever possible]", show_default=False)] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory budget, e.g. 20GiB: refused if one layer cannot fit; calibration activations spill to disk when they do not fit beside a layer. [default: the memory available]", show_default=False)] = None,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest safetensors shard of the output (model.safetensors.index.json when there are several).")] = "5GB",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
@@ -116,7 +130,7 @@ def convert(
         "e2e_batch": ("e2e_batch", e2e_batch), "init": ("init", init), "rounding": ("rounding", rounding),
         "layers": ("layers", layer_list), "router": ("router", router), "gating": ("gating", gating),
         "budget": ("budget", budget), "budget_mode": ("budget_mode", budget_mode), "max_active": ("max_active", max_active),
-        "token_weighting": ("token_weighting", token_weighting),
+        "token_weighting": ("token_weighting", token_weighting), "dtype": ("dtype", dtype),
     }
     settings = dict(rec.config)
     if given("active"):  # --active on the command line picks the layout: the recipe's layout gives way
@@ -129,7 +143,8 @@ def convert(
     try:
         with _Bars() as bars:
             result = run_convert(model, out, cfg, calib_files, overwrite=overwrite, log=_log, progress=bars,
-                                 train_files=list(train_files) if train_files else None)
+                                 train_files=list(train_files) if train_files else None, device=device,
+                                 onload=onload, max_memory=max_memory, max_shard_size=max_shard_size)
     except KeyboardInterrupt:
         raise InterruptedRun(
             f"interrupted; finished layers are saved in {work_dir_for(out)}; rerun the same command to resume"
@@ -471,6 +486,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         console.print("[bold red]error:[/bold red] interrupted")
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            err = DiskFullError(f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}; free space and rerun (a conversion resumes)")
+            console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
+            sys.exit(err.exit_code)
+        raise
     except MemoryError:
         err = OutOfMemoryError("out of memory; lower --calib-tokens or --seq-len (or convert fewer --layers at a time)")
         console.print(f"[bold red]error:[/bold red] {err}")

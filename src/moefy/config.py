@@ -9,6 +9,8 @@ from typing import Any
 
 from .errors import ConfigError, TooFewExpertsError, TooManyExpertsError, TopKTooLargeError, TopKTooSmallError
 
+DTYPES = ("bf16", "fp16", "fp32")
+DEVICES = "cpu, cuda, cuda:N or auto"
 METHODS = ("dot", "dot-frozen", "random", "param-cluster", "act-cluster", "prune")
 STAGES = ("layerwise", "e2e", "both")
 WEIGHT_MODES = ("none", "ridge", "grad", "grad+ridge")
@@ -83,6 +85,9 @@ class ConvertConfig:
     # explicit_layout were given explicitly and keep their values
     active: float | None = None
     explicit_layout: list[str] = field(default_factory=list)
+    # weights and carried activations: "bf16" | "fp16" | "fp32"; None: the checkpoint's own dtype
+    # (fp32 for GGUF and for the end-to-end stage, which trains in fp32); fitting runs in fp32
+    dtype: str | None = None
 
     def resolve_layout(self, d_ffn: int, overrides: Iterable[str] | None = None) -> ConvertConfig:
         """This config with ``--active``'s layout for an FFN of ``d_ffn`` neurons filled in: the
@@ -144,6 +149,10 @@ class ConvertConfig:
             raise ConfigError(f"e2e_eval_every must be >= 1, got {self.e2e_eval_every}")
         if self.n_shared < 0:
             raise ConfigError(f"--shared must be >= 0, got {self.n_shared}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.dtype not in (None, "fp32") and self.stage != "layerwise":
+            raise ConfigError(f"--stage {self.stage} trains the whole model in fp32; use --dtype fp32 (or leave --dtype out)")
         if self.seq_len < 8:
             raise ConfigError(f"--seq-len must be at least 8, got {self.seq_len}")
         if self.calib_tokens < self.seq_len:
@@ -173,10 +182,37 @@ class ConvertConfig:
         return asdict(self)
 
 
+def resolve_device(name: str) -> Any:
+    """``--device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (the first CUDA device when there is
+    one, else the CPU) as a ``torch.device``; a device this machine lacks is a one-line ConfigError."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {name!r}; choose {DEVICES}") from None
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if dev.type != "cuda":
+        raise ConfigError(f"unsupported --device {name!r}; choose {DEVICES}")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+        raise ConfigError(f"--device {name}: no CUDA device is available (torch {torch.__version__}, built {build}); use --device cpu")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
 def _type_ok(name: str, value: Any) -> bool:
     """Does a recipe's ``value`` fit ConvertConfig field ``name`` (judged by its default)?"""
     if name == "layers":
         return value is None or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    if name == "dtype":
+        return value is None or isinstance(value, str)
     if name in ("budget", "active"):
         return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
     if name == "max_active":

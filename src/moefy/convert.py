@@ -1,10 +1,17 @@
-"""The conversion pipeline: dense model -> model whose FFNs are :class:`DotMoeLayer`.
+"""The conversion pipeline: dense model -> model whose FFNs are MoE FFNs (:class:`MoefyMLP`).
 
 Layer-wise stage (llm-compressor's sequential pipeline): calibration activations enter
 decoder layer 0; for each layer in turn, its FFN inputs (produced by the already-converted
 layers below) and the dense FFN's outputs are collected, the layer's MoE is fitted
-(:func:`moefy.layerwise.fit_layer`), the layer is swapped in place, and its outputs feed the
-next layer.  Memory: one layer plus the cached hidden states of the calibration tokens.
+(:func:`moefy.layerwise.fit_layer`, in fp32 whatever the model's dtype), exported in the model's
+dtype (:meth:`DotMoeLayer.to_moe_mlp`) and swapped in place, and the layer's outputs, computed by
+that exported FFN, feed the next layer.
+
+Where the layers live between their turns is a :class:`LayerHost`: the whole model in memory
+(:class:`InMemoryHost`), or a meta-device skeleton whose layers are read from the checkpoint one
+at a time (:class:`moefy.onload.OnloadHost`).  Each layer is fitted on the compute ``device``; the
+carried activations (an :class:`moefy.activations.ActivationStore`) stay on the CPU, in memory or
+spilled to disk.  Memory: one layer plus the activations of the calibration tokens.
 
 The end-to-end stage is recovery training (:mod:`moefy.training`), shared with ``moefy train``.
 """
@@ -12,12 +19,14 @@ The end-to-end stage is recovery training (:mod:`moefy.training`), shared with `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection, Iterable
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from .activations import ActivationStore
 from .adapters import Adapter, get_adapter
 from .config import ConvertConfig
 from .dotmoe import DotMoeLayer
@@ -33,6 +42,7 @@ from .splits import (
 )
 
 Progress = Callable[[str, int, int], None]
+LayerDone = Callable[[int, LayerReport, nn.Module], None]
 
 
 class _Stop(Exception):
@@ -43,29 +53,56 @@ def _first_tensor(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (tensors in dicts, tuples, lists) with every tensor on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
 @torch.no_grad()
-def capture_inputs(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+def capture_inputs(
+    model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], sink: Callable[[int, torch.Tensor], None] | None = None,
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
     """Hidden states entering layer 0 for every batch, and the keyword arguments (masks,
-    rotary embeddings) each layer receives (identical for every batch of the same shape)."""
+    rotary embeddings) each layer receives (identical for every batch of the same shape).
+
+    No decoder layer runs: each is replaced, for this forward, by a pass-through that records its
+    arguments, so this works on a meta-device skeleton whose embeddings alone are loaded.  With
+    ``sink`` each batch's hidden states go to ``sink(b, x)`` instead of the returned list."""
     layers = adapter.layers(model)
     layer_kwargs: list[dict[str, Any]] = [{} for _ in layers]
     inputs: list[torch.Tensor] = []
-    stop_at_first = [False]
+    stop_at = [len(layers) - 1]
 
     def hook(i: int) -> Callable[..., None]:
         def fn(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             if i == 0:
-                inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
+                x = (args[0] if args else kwargs["hidden_states"]).detach()
+                if sink is not None:
+                    sink(len(inputs), x)
+                    inputs.append(x.new_empty(0))
+                else:
+                    inputs.append(x)
             layer_kwargs[i] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            if stop_at_first[0]:
+            if i == stop_at[0]:
                 raise _Stop
 
         return fn
 
+    def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    for layer in layers:
+        layer.forward = passthrough  # type: ignore[method-assign]
     try:
         for b, ids in enumerate(batches):
-            stop_at_first[0] = b > 0
+            stop_at[0] = len(layers) - 1 if b == 0 else 0
             try:
                 model(input_ids=ids, use_cache=False)
             except _Stop:
@@ -73,21 +110,27 @@ def capture_inputs(model: nn.Module, adapter: Adapter, batches: list[torch.Tenso
     finally:
         for h in handles:
             h.remove()
+        for layer in layers:
+            del layer.forward
     for kw in layer_kwargs:
         kw["use_cache"] = False
         kw.pop("past_key_values", None)
-    return inputs, layer_kwargs
+        kw.pop("cache", None)
+    return ([] if sink is not None else inputs), layer_kwargs
 
 
 @torch.no_grad()
-def collect_ffn_io(layer: nn.Module, mlp: nn.Module, xs: list[torch.Tensor], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """FFN inputs and dense FFN outputs of one decoder layer, per batch ``[b, seq, d]``."""
+def collect_ffn_io(
+    layer: nn.Module, mlp: nn.Module, xs: Iterable[torch.Tensor], kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FFN inputs and dense FFN outputs of one decoder layer, ``[sequences, seq, d]`` in fp32
+    (what the fitting runs in)."""
     ins: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
 
     def fn(_mod: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        ins.append(args[0].detach())
-        outs.append(_first_tensor(out).detach())
+        ins.append(args[0].detach().float())
+        outs.append(_first_tensor(out).detach().float())
 
     handle = mlp.register_forward_hook(fn)
     try:
@@ -95,7 +138,9 @@ def collect_ffn_io(layer: nn.Module, mlp: nn.Module, xs: list[torch.Tensor], kwa
             layer(x, **kwargs)
     finally:
         handle.remove()
-    return torch.cat(ins), torch.cat(outs)
+    x_in = torch.cat(ins)
+    del ins
+    return x_in, torch.cat(outs)
 
 
 def initial_split(
@@ -114,13 +159,14 @@ def initial_split(
         shared = choose_shared(h, cfg.n_shared, active)
     kind = init if method in ("dot", "dot-frozen") else method
     if kind == "random":
-        return random_split(d_ffn, cfg.n_experts, seed, shared)
+        return random_split(d_ffn, cfg.n_experts, seed, shared, device=h.device)
     if kind == "param-cluster":
         return param_cluster_split(ffn, cfg.n_experts, seed, shared)
     return act_cluster_split(h, cfg.n_experts, cfg.top_k / cfg.n_experts, seed, shared)
 
 
 def make_layer(mlp: nn.Module, adapter: Adapter, config: Any, split: Split, cfg: ConvertConfig) -> DotMoeLayer:
+    """The trainable DOT-MoE layer of ``mlp`` (fp32 copies of its weights, on their device)."""
     ffn = adapter.ffn_weights(mlp)
     return DotMoeLayer(
         ffn,
@@ -165,6 +211,36 @@ def layers_to_convert(cfg: ConvertConfig, n_layers: int) -> list[int]:
     return list(range(n_layers)) if cfg.layers is None else sorted(set(cfg.layers))
 
 
+class LayerHost(Protocol):
+    """Where the decoder layers are between their turns in the layer-wise stage."""
+
+    def onload(self, i: int) -> nn.Module:
+        """Decoder layer ``i``, its weights on the compute device."""
+        ...
+
+    def offload(self, i: int, layer: nn.Module) -> None:
+        """Layer ``i`` has had its turn (converted, and its outputs computed)."""
+        ...
+
+
+class InMemoryHost:
+    """The whole model in memory (on the CPU); each layer visits ``device`` for its turn."""
+
+    def __init__(self, layers: nn.ModuleList, device: torch.device) -> None:
+        self.layers, self.device = layers, device
+
+    def onload(self, i: int) -> nn.Module:
+        return self.layers[i].to(self.device)
+
+    def offload(self, i: int, layer: nn.Module) -> None:
+        if self.device.type != "cpu":
+            layer.to("cpu")
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.float() if t is not None else None
+
+
 def layerwise_stage(
     model: nn.Module,
     calib: torch.Tensor,
@@ -172,13 +248,24 @@ def layerwise_stage(
     batch: int = 8,
     progress: Progress | None = None,
     start_layer: int = 0,
-    on_layer_done: Callable[[int, LayerReport], None] | None = None,
-    restored: dict[int, DotMoeLayer] | None = None,
+    on_layer_done: LayerDone | None = None,
+    restored: dict[int, nn.Module] | None = None,
+    *,
+    host: LayerHost | None = None,
+    device: torch.device | str | None = None,
+    spill_path: Path | None = None,
+    finished: Collection[int] = (),
 ) -> list[LayerReport]:
     """Convert every chosen layer in order; returns one report per converted layer.
 
-    ``restored`` maps already-finished layers (from a resumed run) to their fitted modules:
-    they are swapped in without refitting, and still feed the layers above.
+    Each converted layer's FFN becomes a :class:`MoefyMLP` in the model's dtype (the exported
+    module; its outputs feed the layers above).  ``restored`` maps already-finished layers (from
+    a resumed run) to their fitted FFN modules: they are swapped in without refitting, and still
+    feed the layers above; ``finished`` names layers the ``host`` restores itself when it onloads
+    them (:class:`moefy.onload.OnloadHost`).  ``device``: where each layer is fitted (default
+    CPU); ``spill_path``: keep the carried activations in this file instead of in memory.
+    ``on_layer_done(i, report, layer)`` runs once layer ``i`` is converted (before its outputs
+    are computed).
     """
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
@@ -187,45 +274,67 @@ def layerwise_stage(
     for i in chosen:
         if i in restored:
             layers[i].mlp = restored[i]
-    todo = [i for i in chosen if i not in restored]
+    todo = [i for i in chosen if i not in restored and i not in finished]
     if not todo:  # a resumed run with every layer already fitted: no calibration forward needed
         if progress is not None:
             progress("layer-wise", len(layers), len(layers))
         return []
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    host = host if host is not None else InMemoryHost(layers, dev)
     batches = list(calib.split(batch))
-    xs, layer_kwargs = capture_inputs(model, adapter, batches)
+    store = ActivationStore([int(b.shape[0]) for b in batches], spill_path)
     reports: list[LayerReport] = []
-    for i, layer in enumerate(layers):
-        if i in todo:
-            mlp = layer.mlp
-            x_in, y_out = collect_ffn_io(layer, mlp, xs, layer_kwargs[i])
-            x_tr, y_tr, x_val, y_val = _split_train_val(x_in, y_out, cfg.val_fraction)
-            ffn = adapter.ffn_weights(mlp)
+    try:
+        _, layer_kwargs = capture_inputs(model, adapter, batches, sink=store.put)
+        for i in range(len(layers)):
+            layer = host.onload(i)
+            kwargs = to_device(layer_kwargs[i], dev)
+            if i in todo:
+                reports.append(_convert_layer(layer, i, store, kwargs, adapter, model.config, cfg, dev, len(chosen)))
+                if on_layer_done is not None:
+                    on_layer_done(i, reports[-1], layer)
+            if i == todo[-1]:  # nothing above needs the calibration activations
+                host.offload(i, layer)
+                break
             with torch.no_grad():
-                h_sample = activation_sample(
-                    getattr(mlp, adapter.act_attr)(nn.functional.linear(x_tr, ffn.gate, ffn.gate_bias))
-                    * nn.functional.linear(x_tr, ffn.up, ffn.up_bias),
-                    seed=cfg.seed + i,
-                )
-            split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
-            del h_sample
-            dot = make_layer(mlp, adapter, model.config, split, cfg)
-            dot.k_budget = mean_budget(cfg, len(chosen))
-            report = fit_layer(dot, x_tr, y_tr, x_val, y_val, cfg, i)
-            dot.eval()
-            layer.mlp = dot
-            reports.append(report)
-            if on_layer_done is not None:
-                on_layer_done(i, report)
-        if i == todo[-1]:  # nothing above needs the calibration activations
-            break
-        with torch.no_grad():
-            xs = [_first_tensor(layer(x, **layer_kwargs[i])) for x in xs]
-        if progress is not None:
-            progress("layer-wise", i + 1, len(layers))
+                for b in range(len(store)):
+                    store.put(b, _first_tensor(layer(store.get(b).to(dev), **kwargs)))
+            host.offload(i, layer)
+            if progress is not None:
+                progress("layer-wise", i + 1, len(layers))
+    finally:
+        store.close()
     if progress is not None:
         progress("layer-wise", len(layers), len(layers))
     return reports
+
+
+def _convert_layer(
+    layer: nn.Module, i: int, store: ActivationStore, kwargs: dict[str, Any], adapter: Adapter, config: Any,
+    cfg: ConvertConfig, device: torch.device, n_converted: int,
+) -> LayerReport:
+    """Fit decoder layer ``i``'s MoE on its calibration FFN inputs and put it in place."""
+    mlp = layer.mlp
+    dtype = adapter.ffn_weights(mlp).gate.dtype
+    x_in, y_out = collect_ffn_io(layer, mlp, (store.get(b).to(device) for b in range(len(store))), kwargs)
+    x_tr, y_tr, x_val, y_val = _split_train_val(x_in, y_out, cfg.val_fraction)
+    del x_in, y_out
+    ffn = adapter.ffn_weights(mlp)
+    with torch.no_grad():
+        h_sample = activation_sample(
+            getattr(mlp, adapter.act_attr)(nn.functional.linear(x_tr, _f32(ffn.gate), _f32(ffn.gate_bias)))
+            * nn.functional.linear(x_tr, _f32(ffn.up), _f32(ffn.up_bias)),
+            seed=cfg.seed + i,
+        )
+    split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
+    split = Split(split.shared.cpu(), [e.cpu() for e in split.experts])  # index bookkeeping on the CPU
+    del h_sample
+    dot = make_layer(mlp, adapter, config, split, cfg)
+    dot.k_budget = mean_budget(cfg, n_converted)
+    report = fit_layer(dot, x_tr, y_tr, x_val, y_val, cfg, i)
+    dot.eval()
+    layer.mlp = dot.to_moe_mlp(dtype=dtype)
+    return report
 
 
 def active_fraction(cfg: ConvertConfig, d_ffn: int) -> float:

@@ -26,7 +26,6 @@ from torch import nn
 from .adapters import FFNWeights
 from .hf.modeling_moefy import MoefyMLP, gating_weights, lapsum_route, scatter_weights, topk_experts
 from .lapsum import calibrate_threshold as calibrate_lapsum_threshold
-from .lapsum import lapsum_topk
 from .ot import assignment_matrix, round_exact, round_greedy, sinkhorn_log, straight_through
 from .routing import load_balance_loss, route_ste, z_loss
 from .splits import Split
@@ -59,34 +58,36 @@ class DotMoeLayer(nn.Module):
         self.learn_assignment = learn_assignment
         self.tau = 1.0
         self.dense_mode = False
-        self.gate = nn.Parameter(ffn.gate.detach().clone().float(), requires_grad=False)
-        self.up = nn.Parameter(ffn.up.detach().clone().float(), requires_grad=False)
-        self.down = nn.Parameter(ffn.down.detach().clone().float(), requires_grad=False)
+        # fitting runs in fp32 whatever the model's dtype: one fp32 copy of each weight
+        def f32(t: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(t.detach().to(dtype=torch.float32, copy=True), requires_grad=False)
+
+        self.gate, self.up, self.down = f32(ffn.gate), f32(ffn.up), f32(ffn.down)
         self.gate_bias = self.up_bias = self.down_bias = None
         if ffn.has_bias:
-            self.gate_bias = nn.Parameter(ffn.gate_bias.detach().clone().float(), requires_grad=False)
-            self.up_bias = nn.Parameter(ffn.up_bias.detach().clone().float(), requires_grad=False)
-            self.down_bias = nn.Parameter(ffn.down_bias.detach().clone().float(), requires_grad=False)
+            self.gate_bias, self.up_bias, self.down_bias = f32(ffn.gate_bias), f32(ffn.up_bias), f32(ffn.down_bias)
+        dev = self.gate.device  # everything lives where the FFN weights are; the split may be elsewhere
         if n_exp == 0:  # structured pruning: the non-shared neurons are dropped, not routed
-            keep = torch.ones(ffn.d_ffn, dtype=torch.bool)
+            keep = torch.ones(ffn.d_ffn, dtype=torch.bool, device=split.shared.device)
             keep[split.shared] = False
             routed_sorted = torch.nonzero(keep).flatten()
-            init_assign = torch.zeros(routed_sorted.numel(), dtype=torch.long)
+            init_assign = torch.zeros(routed_sorted.numel(), dtype=torch.long, device=routed_sorted.device)
         else:
             routed = split.permutation()[split.shared.numel() :]
             order = torch.argsort(routed)
             routed_sorted = routed[order]
             sizes = split.expert_sizes
-            init_assign = torch.cat([torch.full((s,), e, dtype=torch.long) for e, s in enumerate(sizes)])[order]
-        self.register_buffer("shared_idx", split.shared.clone(), persistent=True)
+            init_assign = torch.cat([torch.full((s,), e, dtype=torch.long, device=routed.device) for e, s in enumerate(sizes)])[order]
+        routed_sorted, init_assign = routed_sorted.to(dev), init_assign.to(dev)
+        self.register_buffer("shared_idx", split.shared.clone().to(dev), persistent=True)
         self.register_buffer("routed_idx", routed_sorted, persistent=True)
         self.register_buffer("fixed_assign", init_assign, persistent=True)
         self.caps = [int((init_assign == e).sum()) for e in range(n_exp)]
         learn_assignment = learn_assignment and n_exp > 1
         self.learn_assignment = learn_assignment
-        init_affinity = assignment_matrix(init_assign, n_exp) if n_exp else torch.zeros(init_assign.numel(), 0)
+        init_affinity = assignment_matrix(init_assign, n_exp) if n_exp else torch.zeros(init_assign.numel(), 0, device=dev)
         self.affinity = nn.Parameter(init_margin * init_affinity, requires_grad=learn_assignment)
-        self.router = nn.Linear(ffn.d_model, n_exp, bias=False)
+        self.router = nn.Linear(ffn.d_model, n_exp, bias=False, device=dev)
         nn.init.zeros_(self.router.weight)
         # LapSum soft top-k (SoftMoE): expert weights F((r - t)/alpha) summing to k (a real
         # budget, possibly learned per layer), truncated below ``threshold``.
@@ -94,8 +95,8 @@ class DotMoeLayer(nn.Module):
         self.gating = gating  # top-k: "mask" (weight 1, DOT-MoE), "softmax" or "softmax-renorm" (Mixtral's)
         self.k_budget: float | torch.Tensor = float(top_k)
         self.max_active = max_active
-        self.log_alpha = nn.Parameter(torch.zeros(()), requires_grad=router_type == "lapsum")
-        self.register_buffer("threshold", torch.zeros(()), persistent=True)
+        self.log_alpha = nn.Parameter(torch.zeros((), device=dev), requires_grad=router_type == "lapsum")
+        self.register_buffer("threshold", torch.zeros((), device=dev), persistent=True)
         self.aux: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ assignment
@@ -174,9 +175,9 @@ class DotMoeLayer(nn.Module):
         return self.log_alpha.float().exp()
 
     def lapsum_weights(self, logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Truncated LapSum weights and the kept mask: the exported rule
-        (:func:`moefy.hf.modeling_moefy.lapsum_route`), with the solve's exact gradient."""
-        return lapsum_route(logits, self.k_budget, self.lapsum_alpha(), threshold, self.max_active, soft_topk=lapsum_topk)
+        """Truncated LapSum weights (with the solve's exact gradient) and the kept mask: the
+        exported rule, :func:`moefy.hf.modeling_moefy.lapsum_route`."""
+        return lapsum_route(logits, self.k_budget, self.lapsum_alpha(), threshold, self.max_active)
 
     @torch.no_grad()
     def calibrate_threshold(self, x: torch.Tensor, target_active: float | None = None, iters: int = 40) -> float:
@@ -199,23 +200,27 @@ class DotMoeLayer(nn.Module):
         return z_loss(self.aux["logits"]), load_balance_loss(self.aux["probs"], self.aux["hard"])
 
     # ---------------------------------------------------------------- export
-    def to_moe_mlp(self) -> MoefyMLP:
-        """The inference module: neurons permuted so each expert is contiguous."""
+    def to_moe_mlp(self, dtype: torch.dtype | None = None) -> MoefyMLP:
+        """The inference module: neurons permuted so each expert is contiguous, on this layer's
+        device, in ``dtype`` (default: this layer's, fp32)."""
         split = self.split()
-        perm = split.permutation().to(self.gate.device)
-        mlp = MoefyMLP(
-            self.gate.shape[1],
-            split.expert_sizes,
-            n_shared=split.shared.numel(),
-            top_k=(float(self.k_budget) if self.router_type == "lapsum" else self.top_k) if self.n_experts else 0,
-            hidden_act=self.hidden_act,
-            bias=self.gate_bias is not None,
-            router=self.router_type,
-            gating="lapsum" if self.router_type == "lapsum" else self.gating,
-            lapsum_alpha=float(self.lapsum_alpha()),
-            lapsum_threshold=float(self.threshold),
-            max_active=self.max_active,
-        )
+        device = self.gate.device
+        perm = split.permutation().to(device)
+        with torch.device("meta"):  # no default-dtype CPU copy: allocated once, below, where it belongs
+            mlp = MoefyMLP(
+                self.gate.shape[1],
+                split.expert_sizes,
+                n_shared=split.shared.numel(),
+                top_k=(float(self.k_budget) if self.router_type == "lapsum" else self.top_k) if self.n_experts else 0,
+                hidden_act=self.hidden_act,
+                bias=self.gate_bias is not None,
+                router=self.router_type,
+                gating="lapsum" if self.router_type == "lapsum" else self.gating,
+                lapsum_alpha=float(self.lapsum_alpha()),
+                lapsum_threshold=float(self.threshold),
+                max_active=self.max_active,
+            )
+        mlp = mlp.to(dtype or self.gate.dtype).to_empty(device=device)
         with torch.no_grad():
             mlp.gate_proj.weight.copy_(self.gate[perm])
             mlp.up_proj.weight.copy_(self.up[perm])
@@ -226,4 +231,4 @@ class DotMoeLayer(nn.Module):
                 mlp.down_proj.bias.copy_(self.down_bias)
             mlp.router.weight.copy_(self.router.weight)
         mlp.source_neurons = perm.tolist()  # provenance for moefy.json (not a weight)
-        return mlp.to(self.gate.device)
+        return mlp.eval() if not self.training else mlp

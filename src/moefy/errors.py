@@ -82,5 +82,17 @@ class TeacherMismatchError(MoefyError):
     exit_code = 16
 
 
+class MemoryBudgetError(MoefyError):
+    """A ``--max-memory`` budget that cannot hold even one layer of the conversion."""
+
+    exit_code = 17
+
+
+class DiskFullError(MoefyError):
+    """No space left on the device while writing (calibration activations, layers, the checkpoint)."""
+
+    exit_code = 18
+
+
 class InterruptedRun(MoefyError):
     exit_code = 130

@@ -34,47 +34,78 @@ def base_config_dict(config: Any) -> dict[str, Any]:
     return d
 
 
-def to_moefy_model(model: nn.Module, router: str = "topk", gating: str = "mask") -> MoefyForCausalLM:
-    """Swap every :class:`DotMoeLayer` for its contiguous :class:`MoefyMLP` (in place) and wrap
-    the model in :class:`MoefyForCausalLM` (no weights are copied)."""
-    adapter = get_adapter(model.config)
-    layers = adapter.layers(model)
-    specs: list[dict[str, Any] | None] = []
-    hidden_act = None
+def mlp_spec(mlp: MoefyMLP) -> dict[str, Any]:
+    """Everything needed to rebuild ``mlp`` (and to describe it in the config and ``moefy.json``)."""
+    return {
+        "hidden_size": mlp.hidden_size, "expert_sizes": list(mlp.expert_sizes), "n_shared": mlp.n_shared,
+        "top_k": mlp.top_k, "hidden_act": mlp.hidden_act, "bias": mlp.gate_proj.bias is not None,
+        "router": mlp.router_type, "gating": mlp.gating, "lapsum_alpha": mlp.lapsum_alpha,
+        "lapsum_threshold": mlp.lapsum_threshold, "max_active": mlp.max_active,
+        "source_neurons": getattr(mlp, "source_neurons", None),
+    }
+
+
+def moefy_config(
+    base: Any, specs: list[dict[str, Any] | None], hidden_act: str | None = None, router: str = "topk",
+    gating: str = "mask",
+) -> MoefyConfig:
+    """The :class:`MoefyConfig` of ``base`` (the dense model's config) with the MoE FFNs ``specs``
+    (:func:`mlp_spec` per decoder layer, ``None`` for a dense one)."""
+    layers: list[dict[str, Any] | None] = []
     max_active = None
-    for layer in layers:
-        mlp = layer.mlp
-        if isinstance(mlp, DotMoeLayer):
-            hidden_act = mlp.hidden_act
-            mlp = mlp.to_moe_mlp()
-            layer.mlp = mlp
-        if isinstance(mlp, MoefyMLP):
-            spec = {"expert_sizes": mlp.expert_sizes, "n_shared": mlp.n_shared, "top_k": mlp.top_k}
-            if mlp.gating != "mask":
-                gating = mlp.gating
-            if mlp.router_type == "lapsum":
-                router, gating = "lapsum", "lapsum"
-                spec.update(lapsum_alpha=mlp.lapsum_alpha, lapsum_threshold=mlp.lapsum_threshold)
-                max_active = mlp.max_active
-            specs.append(spec)
-        else:
-            specs.append(None)
+    for spec in specs:
+        if spec is None:
+            layers.append(None)
+            continue
+        hidden_act = spec["hidden_act"]
+        entry = {"expert_sizes": spec["expert_sizes"], "n_shared": spec["n_shared"], "top_k": spec["top_k"]}
+        if spec["gating"] != "mask":
+            gating = spec["gating"]
+        if spec["router"] == "lapsum":
+            router, gating = "lapsum", "lapsum"
+            entry.update(lapsum_alpha=spec["lapsum_alpha"], lapsum_threshold=spec["lapsum_threshold"])
+            max_active = spec["max_active"]
+        layers.append(entry)
     if hidden_act is None:
-        hidden_act = adapter.act_name(model.config)
+        hidden_act = get_adapter(base).act_name(base)
     cfg = MoefyConfig(
-        base_config=base_config_dict(model.config),
-        moe_layers=specs,
+        base_config=base_config_dict(base),
+        moe_layers=layers,
         hidden_act=hidden_act,
         router=router,
         gating=gating,
         max_active=max_active,
     )
-    cfg._attn_implementation = model.config._attn_implementation  # type: ignore[attr-defined]
+    cfg._attn_implementation = base._attn_implementation  # type: ignore[attr-defined]
     cfg.architectures = ["MoefyForCausalLM"]
     cfg.auto_map = {
         "AutoConfig": "configuration_moefy.MoefyConfig",
         "AutoModelForCausalLM": "modeling_moefy.MoefyForCausalLM",
     }
+    return cfg
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a (possibly converted) model keeps its weights in: that of its input embeddings."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) else next(model.parameters()).dtype
+
+
+def to_moefy_model(model: nn.Module, router: str = "topk", gating: str = "mask") -> MoefyForCausalLM:
+    """Swap every :class:`DotMoeLayer` for its contiguous :class:`MoefyMLP` (in place, in the
+    model's dtype) and wrap the model in :class:`MoefyForCausalLM` (no weights are copied)."""
+    adapter = get_adapter(model.config)
+    layers = adapter.layers(model)
+    dtype = model_dtype(model)
+    specs: list[dict[str, Any] | None] = []
+    for layer in layers:
+        mlp = layer.mlp
+        if isinstance(mlp, DotMoeLayer):
+            mlp = mlp.to_moe_mlp(dtype=dtype)
+            layer.mlp = mlp
+        specs.append(mlp_spec(mlp) if isinstance(mlp, MoefyMLP) else None)
+    cfg = moefy_config(model.config, specs, router=router, gating=gating)
     wrapped = MoefyForCausalLM(cfg, base_model=model)
     wrapped.eval()
     return wrapped
@@ -156,23 +187,57 @@ def atomic_write_dir(out: Path, writer: Any, overwrite: bool) -> Path:
     return out
 
 
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+def _write_common(tmp: Path, tokenizer: Any, record: dict[str, Any]) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    for name in ("configuration_moefy.py", "modeling_moefy.py"):
+        shutil.copy2(HF_DIR / name, tmp / name)
+    (tmp / "moefy.json").write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    (tmp / "README.md").write_text(model_card(record))
+
+
 def save_checkpoint(
     model: MoefyForCausalLM, tokenizer: Any, out: str | Path, record: dict[str, Any], overwrite: bool = False,
-    extra_files: dict[str, Path] | None = None,
+    extra_files: dict[str, Path] | None = None, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
 ) -> Path:
-    """Write config, safetensors weights, tokenizer, modeling code, ``moefy.json`` and a model card
-    (plus ``extra_files``: name in the checkpoint -> file to copy, e.g. training metrics)."""
+    """Write config, safetensors weights (shards of at most ``max_shard_size`` with an index, as
+    transformers does), tokenizer, modeling code, ``moefy.json`` and a model card (plus
+    ``extra_files``: name in the checkpoint -> file to copy, e.g. training metrics)."""
+    from .memory import parse_size
+
+    shard = parse_size(max_shard_size, "--max-shard-size")
 
     def write(tmp: Path) -> None:
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, tmp / name)
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        for name in ("configuration_moefy.py", "modeling_moefy.py"):
-            shutil.copy2(HF_DIR / name, tmp / name)
-        (tmp / "moefy.json").write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
-        (tmp / "README.md").write_text(model_card(record))
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=shard)
+        _write_common(tmp, tokenizer, record)
+
+    return atomic_write_dir(Path(out), write, overwrite)
+
+
+def save_streamed_checkpoint(
+    config: MoefyConfig, units: list[Path], tokenizer: Any, out: str | Path, record: dict[str, Any],
+    overwrite: bool = False, max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+) -> Path:
+    """:func:`save_checkpoint` for a model that is never whole in memory: its weights are the
+    safetensors files ``units`` (in state-dict order, output key names, the conversion dtype),
+    written shard by shard (:func:`moefy.shards.write_shards`); the directory appears only when complete."""
+    from transformers import GenerationConfig
+
+    from .memory import parse_size
+    from .shards import write_shards
+
+    shard = parse_size(max_shard_size, "--max-shard-size")
+
+    def write(tmp: Path) -> None:
+        write_shards(units, tmp, shard)
+        config.save_pretrained(str(tmp))
+        GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
+        _write_common(tmp, tokenizer, record)
 
     return atomic_write_dir(Path(out), write, overwrite)
 

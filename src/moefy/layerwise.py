@@ -79,8 +79,8 @@ def _eval_error(
     w: torch.Tensor | None = None,
     chunk: int = 8192,
 ) -> float:
-    num = torch.zeros(())
-    den = torch.zeros(())
+    num = torch.zeros((), device=x.device)
+    den = torch.zeros((), device=x.device)
     for s in range(0, x.shape[0], chunk):
         xs, ys = x[s : s + chunk], y[s : s + chunk]
         hs = h[s : s + chunk] if h is not None else None
@@ -108,7 +108,7 @@ def init_router(
     xw = xx * w[:, None] if w is not None else xx
     gram = xw.T @ xx
     lam = ridge * gram.diagonal().mean()
-    sol = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0]), xw.T @ t)
+    sol = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], device=gram.device), xw.T @ t)
     layer.router.weight.copy_(sol.T)
 
 
@@ -143,6 +143,22 @@ def _step(
     opt.step()
 
 
+FFN_WEIGHTS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+
+
+def snapshot(layer: DotMoeLayer) -> dict[str, torch.Tensor]:
+    """A copy of the state training can change: all of it but the frozen FFN weights (which
+    make up nearly all of a layer's bytes; copying them at every kept step doubled its memory)."""
+    frozen = {n for n in FFN_WEIGHTS if getattr(layer, n) is not None and not getattr(layer, n).requires_grad}
+    return {k: v.detach().clone() for k, v in layer.state_dict().items() if k not in frozen}
+
+
+def restore(layer: DotMoeLayer, state: dict[str, torch.Tensor]) -> None:
+    """Back to a :func:`snapshot` (the frozen weights it left out have not changed)."""
+    missing, unexpected = layer.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= set(FFN_WEIGHTS), (missing, unexpected)
+
+
 @dataclass
 class _Data:
     """One layer's calibration tensors: train and held-out FFN inputs/outputs, optional
@@ -161,7 +177,8 @@ class _Data:
         return _eval_error(layer, self.x_val, self.y_val, self.h_val, self.w_val)
 
     def batch(self, size: int, gen: torch.Generator, with_h: bool) -> tuple[torch.Tensor, ...]:
-        idx = torch.randint(0, self.x.shape[0], (min(size, self.x.shape[0]),), generator=gen)
+        # a CPU generator: the same batches on every device
+        idx = torch.randint(0, self.x.shape[0], (min(size, self.x.shape[0]),), generator=gen).to(self.x.device)
         h = self.h[idx] if with_h and self.h is not None else None
         w = self.w[idx] if self.w is not None else None
         return self.x[idx], self.y[idx], h, w
@@ -186,7 +203,7 @@ def _keep_best(
     candidate to score and return a function that undoes the change before training goes on.
     Returns (best error, steps run)."""
     best = data.val_error(layer)
-    best_state = copy.deepcopy(layer.state_dict())
+    best_state = snapshot(layer)
     best_tau = layer.tau
     bad = 0
     step = 0
@@ -199,14 +216,14 @@ def _keep_best(
             undo = before_eval(step) if before_eval is not None else None
             err = data.val_error(layer)
             if err < best:
-                best, best_state, best_tau, bad = err, copy.deepcopy(layer.state_dict()), layer.tau, 0
+                best, best_state, best_tau, bad = err, snapshot(layer), layer.tau, 0
             else:
                 bad += 1
             if undo is not None:
                 undo()
             if patience is not None and bad >= patience:
                 break
-    layer.load_state_dict(best_state)
+    restore(layer, best_state)
     layer.tau = best_tau
     return best, step + 1 if steps else 0
 
@@ -264,9 +281,9 @@ def ridge_refit_down(
     tokens (keeping the current weights if no gamma helps).  Returns (held-out error, gamma)."""
     x, y = data.x, data.y
     n = layer.d_ffn
-    gram = torch.zeros(n, n)
-    zty = torch.zeros(n, y.shape[1])
-    bias = layer.down_bias if layer.down_bias is not None else torch.zeros(y.shape[1])
+    gram = torch.zeros(n, n, device=x.device)
+    zty = torch.zeros(n, y.shape[1], device=x.device)
+    bias = layer.down_bias if layer.down_bias is not None else torch.zeros(y.shape[1], device=x.device)
     for s in range(0, x.shape[0], chunk):
         xs = x[s : s + chunk]
         z = layer.hidden(xs) * layer.neuron_mask(xs)
@@ -280,7 +297,7 @@ def ridge_refit_down(
     best_w, best_gamma = w0, None
     for gamma in gammas:
         lam = gamma * scale
-        w = torch.linalg.solve(gram + lam * torch.eye(n), zty + lam * w0)
+        w = torch.linalg.solve(gram + lam * torch.eye(n, device=gram.device), zty + lam * w0)
         layer.down.copy_(w.T)
         err = data.val_error(layer)
         if err < best:
@@ -355,14 +372,14 @@ def fit_layer(
     layer.freeze_assignment()
     report.neurons_moved = int((layer.fixed_assign != init_assign).sum())
     if layer.n_experts > 0 and report.neurons_moved > 0:
-        trained = copy.deepcopy(layer.state_dict())
+        trained = snapshot(layer)
         init_router(layer, x, data.h, w=data.w)
         layer.calibrate_threshold(x[:8192])
         err = data.val_error(layer)
         if err < report.error_routed:
             report.error_routed = err
         else:
-            layer.load_state_dict(trained)
+            restore(layer, trained)
     data.h = data.h_val = None
     err = report.error_routed
     if cfg.weights in ("grad", "grad+ridge"):

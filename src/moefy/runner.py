@@ -27,14 +27,15 @@ from safetensors.torch import load_file, save_file
 from . import __version__, testing_hooks
 from .adapters import get_adapter
 from .calibration import CalibrationSet, check_paths, from_files, sample_from_model
-from .config import ConvertConfig
-from .convert import active_fraction, layerwise_stage, make_layer, summary
-from .dotmoe import DotMoeLayer
+from .config import ConvertConfig, resolve_device
+from .convert import active_fraction, layerwise_stage, summary
 from .errors import ConfigError, OutputExistsError
-from .export import save_checkpoint, to_moefy_model
+from .export import DEFAULT_SHARD_SIZE, mlp_spec, moefy_config, save_checkpoint, save_streamed_checkpoint, to_moefy_model
+from .hf.modeling_moefy import MoefyMLP
 from .layerwise import LayerReport
-from .models import load
-from .splits import Split
+from .memory import DTYPE_NAMES, DTYPES, MemoryPlan, check_whole_model, layer_shape, parse_size, plan_memory
+from .models import Source, checkpoint_dtype, load, load_config, load_tokenizer, locate, parameter_count
+from .onload import OnloadHost, SafetensorsCheckpoint, build_skeleton, checkpoint_problem, layout, moe_mlp_from_spec
 from .training.run import StageResult
 
 Progress = Callable[[str, int, int], None]
@@ -96,7 +97,12 @@ def _atomic_json(obj: Any, path: Path) -> None:
 
 
 class WorkDir:
-    """Per-layer checkpoints of a running conversion."""
+    """Per-layer checkpoints of a running conversion.
+
+    Layer ``i`` is ``layer_XXXX.safetensors`` (the whole converted decoder layer under its names in
+    the output checkpoint, in the conversion dtype: a unit of the output the layer-by-layer path
+    links or copies into its shards) and ``layer_XXXX.json`` (its report and the MoE FFN's spec),
+    written in that order, each atomically: a layer is finished once its JSON exists."""
 
     def __init__(self, path: Path, fp: str) -> None:
         self.path = path
@@ -127,32 +133,65 @@ class WorkDir:
             source = (fh.metadata() or {}).get("source", "resumed")
         return CalibrationSet(load_file(str(p))["ids"], source)
 
-    def save_layer(self, i: int, layer: DotMoeLayer, report: LayerReport) -> None:
-        _atomic_save(dict(layer.state_dict()), self.path / f"layer_{i:04d}.safetensors")
-        _atomic_json(report.to_dict(), self.path / f"layer_{i:04d}.json")
+    def layer_file(self, i: int) -> Path:
+        return self.path / f"layer_{i:04d}.safetensors"
+
+    def save_layer(self, i: int, layer: torch.nn.Module, prefix: str, report: LayerReport) -> None:
+        """``layer``: the converted decoder layer; ``prefix``: its name in the output (``model.model.layers.i.``)."""
+        _atomic_save({prefix + k: v for k, v in layer.state_dict().items()}, self.layer_file(i), {"format": "pt"})
+        _atomic_json({"report": report.to_dict(), "mlp": mlp_spec(layer.mlp)}, self.path / f"layer_{i:04d}.json")
 
     def finished_layers(self) -> list[int]:
         return sorted(int(p.stem.split("_")[1]) for p in self.path.glob("layer_*.json"))
 
-    def load_layer(self, i: int) -> tuple[dict[str, torch.Tensor], LayerReport]:
-        state = load_file(str(self.path / f"layer_{i:04d}.safetensors"))
-        rep = LayerReport(**json.loads((self.path / f"layer_{i:04d}.json").read_text()))
-        return state, rep
+    def load_layer(self, i: int) -> tuple[dict[str, Any], LayerReport]:
+        """(the MoE FFN's spec, the report) of finished layer ``i``."""
+        saved = json.loads((self.path / f"layer_{i:04d}.json").read_text())
+        return saved["mlp"], LayerReport(**saved["report"])
+
+    def restore_mlp(self, i: int, prefix: str, spec: dict[str, Any]) -> MoefyMLP:
+        """Finished layer ``i``'s MoE FFN, as it was when converted."""
+        from safetensors import safe_open
+
+        mlp = moe_mlp_from_spec(spec)
+        names = list(mlp.state_dict().keys())
+        with safe_open(str(self.layer_file(i)), framework="pt", device="cpu") as fh:
+            tensors = {k: fh.get_tensor(f"{prefix}mlp.{k}") for k in names}
+        mlp.load_state_dict(tensors, strict=True, assign=True)
+        for p in mlp.parameters():
+            p.requires_grad_(False)
+        return mlp
 
 
-def restore_layer(model: Any, i: int, state: dict[str, torch.Tensor], cfg: ConvertConfig) -> DotMoeLayer:
-    adapter = get_adapter(model.config)
-    mlp = adapter.layers(model)[i].mlp
-    n_exp = 0 if cfg.method == "prune" else cfg.n_experts
-    if n_exp:
-        split = Split.from_assignment(state["shared_idx"], state["routed_idx"], state["fixed_assign"], n_exp)
-    else:
-        split = Split(state["shared_idx"], [])
-    dot = make_layer(mlp, adapter, model.config, split, cfg)
-    dot.freeze_assignment()
-    dot.load_state_dict(state)
-    dot.eval()
-    return dot
+def _layers_prefix(model: torch.nn.Module, layers: torch.nn.ModuleList) -> str:
+    """The decoder layers' name in the output checkpoint (``model.`` + the dense model's, e.g. ``model.model.layers``)."""
+    return "model." + next(n for n, m in model.named_modules() if m is layers)
+
+
+def calib_token_bound(cfg: ConvertConfig) -> int:
+    """At most this many calibration tokens (whole windows of --seq-len within --calib-tokens)."""
+    return (cfg.calib_tokens // cfg.seq_len) * cfg.seq_len
+
+
+def resolve_dtype(cfg: ConvertConfig, src: Source, log: Log) -> torch.dtype:
+    if cfg.dtype is not None:
+        return DTYPES[cfg.dtype]
+    if cfg.stage != "layerwise":
+        return torch.float32  # the end-to-end stage trains in fp32
+    return checkpoint_dtype(src)
+
+
+def _why_not_onload(src: Source, cfg: ConvertConfig, calib_files: list[str]) -> str | None:
+    """Why the layer-wise stage cannot read this model layer by layer (None: it can)."""
+    if src.kind == "gguf":
+        return "a GGUF file is de-quantised whole by transformers"
+    if src.kind == "hub":
+        return "a hub id is loaded whole (download it and pass the directory to convert it layer by layer)"
+    if cfg.stage != "layerwise":
+        return f"--stage {cfg.stage} trains the whole model"
+    if not calib_files:
+        return "data-free calibration samples text from the whole dense model (give --calib FILE)"
+    return None
 
 
 def run_convert(
@@ -164,20 +203,66 @@ def run_convert(
     log: Log = print,
     progress: Progress | None = None,
     train_files: list[str] | None = None,
+    *,
+    device: str | torch.device = "auto",
+    onload: bool | None = None,
+    max_memory: int | str | None = None,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
 ) -> ConvertResult:
+    """Convert ``model_spec`` into a moefy checkpoint at ``out`` (resumable; see the module docstring).
+
+    ``device``: where each layer is fitted (``auto``: the first GPU, else the CPU).  ``onload``:
+    read the dense model layer by layer from its safetensors shards (True), load it whole (False),
+    or the former whenever it can be done (None).  ``max_memory``: the memory budget (bytes or a
+    size such as ``"20GiB"``): refused if one layer cannot fit in it; the calibration activations
+    carried between layers are spilled to the work directory when they do not fit beside a layer
+    (default budget: the memory available now).  ``max_shard_size``: the output's safetensors shards."""
     t0 = time.time()
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
     cfg.validate()
-    check_paths(list(calib_files or []))
+    calib_files = list(calib_files or [])
+    check_paths(calib_files)
     if train_files:
         from .training.data import resolve_sources
 
         resolve_sources(list(train_files))
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
+    parse_size(max_shard_size, "--max-shard-size")
     torch.manual_seed(cfg.seed)
-    loaded = load(model_spec)
-    model, tok = loaded.model, loaded.tokenizer
+    src = locate(model_spec)
+    dtype = resolve_dtype(cfg, src, log)
+    cfg = replace(cfg, dtype=DTYPE_NAMES[dtype])
+    why_not = _why_not_onload(src, cfg, calib_files)
+    if onload is True and why_not is not None:
+        raise ConfigError(f"--onload is not possible here: {why_not}; use --no-onload")
+    layer_by_layer = onload is not False and why_not is None
+    ckpt = skeleton = None
+    if layer_by_layer:
+        ckpt = SafetensorsCheckpoint(src.path)  # type: ignore[arg-type]
+        skeleton = build_skeleton(load_config(src), dtype)
+        layers = get_adapter(skeleton.config).layers(skeleton)
+        problem = checkpoint_problem(ckpt, layout(skeleton, layers), skeleton)
+        if problem is not None:
+            if onload is True:
+                raise ConfigError(f"--onload is not possible here: {problem}; use --no-onload")
+            why_not, layer_by_layer, skeleton = problem, False, None
+    if layer_by_layer:
+        assert skeleton is not None
+        model, tok, source = skeleton, load_tokenizer(src), src.description
+    else:
+        if onload is None and why_not is not None:
+            log(f"loading the whole model: {why_not}")
+        n_params = parameter_count(src)
+        if n_params is not None:
+            copies = 1 if cfg.stage == "layerwise" else 2  # + the frozen teacher of the end-to-end stage
+            need = n_params * dtype.itemsize * copies + (n_params * 12 if cfg.stage != "layerwise" else 0)
+            check_whole_model(f"converting {model_spec} with the whole model loaded", need,
+                              "convert a safetensors directory with --stage layerwise (layer by layer)", log)
+        loaded = load(src, dtype)
+        model, tok, source = loaded.model, loaded.tokenizer, loaded.source
     adapter = get_adapter(model.config)
     layers = adapter.layers(model)
     d_ffn = adapter.ffn_weights(layers[0].mlp).d_ffn
@@ -187,9 +272,13 @@ def run_convert(
     cfg.validate(d_ffn)
     if cfg.layers is not None and any(i < 0 or i >= len(layers) for i in cfg.layers):
         raise ConfigError(f"--layers must be within 0..{len(layers) - 1}")
-    log(f"loaded {loaded.source}: {model.config.model_type}, {len(layers)} layers, d_ffn={d_ffn}")
+    shape = layer_shape(model, layers, d_ffn, dtype.itemsize, whole=not layer_by_layer)
+    plan = plan_memory(shape, calib_token_bound(cfg), budget, cfg.batch_tokens)
+    mode = "layer by layer from the safetensors files" if layer_by_layer else "whole"
+    log(f"loaded {source} ({mode}): {model.config.model_type}, {len(layers)} layers, d_ffn={d_ffn}, "
+        f"{DTYPE_NAMES[dtype]}, fitting on {dev}; {plan.describe()}")
 
-    work = WorkDir(work_dir_for(out), fingerprint(model_spec, cfg, list(calib_files or []), work_dir_for(out), log))
+    work = WorkDir(work_dir_for(out), fingerprint(model_spec, cfg, calib_files, work_dir_for(out), log))
     resuming = work.open()
     calib = work.load_calib() if resuming else None
     if calib is None:
@@ -201,32 +290,50 @@ def run_convert(
         work.save_calib(calib)
     log(f"calibration: {calib.source}; {calib.n_tokens} tokens in {calib.ids.shape[0]} x {calib.ids.shape[1]}")
 
+    prefix = _layers_prefix(model, layers)
     reports: dict[int, LayerReport] = {}
-    restored: dict[int, DotMoeLayer] = {}
-    if resuming:
-        for i in work.finished_layers():
-            state, rep = work.load_layer(i)
-            restored[i] = restore_layer(model, i, state, cfg)
-            reports[i] = rep
-        if restored:
-            log(f"resuming: {len(restored)} layer(s) already converted in {work.path}")
+    specs: dict[int, dict[str, Any]] = {}
+    for i in work.finished_layers() if resuming else []:
+        specs[i], reports[i] = work.load_layer(i)
+    if reports:
+        log(f"resuming: {len(reports)} layer(s) already converted in {work.path}")
 
-    # the end-to-end stage distils from the dense model: a frozen copy taken before any layer changes
-    teacher = copy.deepcopy(model) if cfg.stage in ("e2e", "both") else None
-
-    def done(i: int, rep: LayerReport) -> None:
+    def done(i: int, rep: LayerReport, layer: torch.nn.Module) -> None:
         reports[i] = rep
-        work.save_layer(i, layers[i].mlp, rep)
+        work.save_layer(i, layer, f"{prefix}.{i}.", rep)
+        specs[i] = mlp_spec(layer.mlp)
         testing_hooks.pause_after_layer(i)  # test-only: a no-op unless MOEFY_TEST_PAUSE_AFTER_LAYER is set
 
     # e2e alone still starts from calibrated initial splits and least-squares routers
     lw_cfg = cfg if cfg.stage != "e2e" else replace(cfg, steps=0, weights="none")
-    layerwise_stage(model, calib.ids, lw_cfg, batch=8, progress=progress, on_layer_done=done, restored=restored)
+    spill = work.path / "activations.bin" if plan.spill else None
+    if layer_by_layer:
+        assert ckpt is not None
+        finished = {i: (work.layer_file(i), specs[i]) for i in reports}
+        host = OnloadHost(model, layers, ckpt, dev, finished)
+        layerwise_stage(model, calib.ids, lw_cfg, batch=8, progress=progress, on_layer_done=done, host=host,
+                        device=dev, spill_path=spill, finished=set(finished))
+        ordered = [reports[i] for i in sorted(reports)]
+        layer_specs = [specs.get(i) for i in range(len(layers))]
+        record = build_record(model_spec, source, cfg, calib, layer_specs, ordered, StageResult([], [], None),
+                              time.time() - t0, d_ffn, _loading(True, plan, dev))
+        units = _output_units(work, host, layers, prefix)
+        moe_cfg = moefy_config(model.config, layer_specs)
+        moe_cfg.dtype = dtype
+        save_streamed_checkpoint(moe_cfg, units, tok, out, record, overwrite=overwrite, max_shard_size=max_shard_size)
+        shutil.rmtree(work.path, ignore_errors=True)
+        return ConvertResult(out, record)
+
+    restored = {i: work.restore_mlp(i, f"{prefix}.{i}.", specs[i]) for i in reports}
+    # the end-to-end stage distils from the dense model: a frozen copy taken before any layer changes
+    teacher = copy.deepcopy(model) if cfg.stage in ("e2e", "both") else None
+    layerwise_stage(model, calib.ids, lw_cfg, batch=8, progress=progress, on_layer_done=done, restored=restored,
+                    device=dev, spill_path=spill)
     e2e = StageResult([], [], None)
     if teacher is not None:
         from .training.run import convert_stage
 
-        moe, e2e = convert_stage(model, teacher, tok, cfg, calib.ids, list(calib_files or []), train_files,
+        moe, e2e = convert_stage(model, teacher, tok, cfg, calib.ids, calib_files, train_files,
                                  work.path, log, progress)
         del teacher
         if e2e.val_kl:
@@ -235,10 +342,42 @@ def run_convert(
     else:
         moe = to_moefy_model(model)
     ordered = [reports[i] for i in sorted(reports)]
-    record = build_record(model_spec, loaded.source, cfg, calib, moe, ordered, e2e, time.time() - t0, d_ffn)
-    save_checkpoint(moe, tok, out, record, overwrite=overwrite)
+    layer_specs = [mlp_spec(layer.mlp) if isinstance(layer.mlp, MoefyMLP) else None for layer in moe.model.model.layers]
+    record = build_record(model_spec, source, cfg, calib, layer_specs, ordered, e2e, time.time() - t0, d_ffn,
+                          _loading(False, plan, dev))
+    save_checkpoint(moe, tok, out, record, overwrite=overwrite, max_shard_size=max_shard_size)
     shutil.rmtree(work.path, ignore_errors=True)
     return ConvertResult(out, record)
+
+
+def _loading(layer_by_layer: bool, plan: MemoryPlan, dev: torch.device) -> dict[str, Any]:
+    return {"layer_by_layer": layer_by_layer, "device": str(dev), "activations": "disk" if plan.spill else "memory",
+            "max_memory": plan.budget, "estimated_layer_bytes": plan.layer_bytes,
+            "activation_bytes": plan.activation_bytes}
+
+
+def _output_units(work: WorkDir, host: OnloadHost, layers: torch.nn.ModuleList, prefix: str) -> list[Path]:
+    """The output checkpoint's tensors as files in the work directory, in state-dict order: the
+    tensors before the layers, every layer (converted: its work file; dense: read from the
+    checkpoint now), the tensors after them; one in memory at a time."""
+    lay = host.lay
+
+    def unit(name: str, keys: dict[str, str], dtypes: dict[str, torch.dtype]) -> Path:
+        path = work.path / name
+        tensors = host.ckpt.read(keys, dtypes, torch.device("cpu"))
+        _atomic_save(tensors, path, {"format": "pt"})
+        return path
+
+    units = [unit("unit_head.safetensors", {"model." + k: k for k in lay.head}, {"model." + k: lay.dtypes[k] for k in lay.head})]
+    for i in range(len(layers)):
+        if work.layer_file(i).is_file() and (work.path / f"layer_{i:04d}.json").is_file():
+            units.append(work.layer_file(i))
+        else:
+            keys = {f"{prefix}.{i}.{k}": host.layer_key(i, k) for k in lay.layers[i]}
+            units.append(unit(f"unit_dense_{i:04d}.safetensors", keys, {f"{prefix}.{i}.{k}": lay.dtypes[host.layer_key(i, k)] for k in lay.layers[i]}))
+    if lay.tail:
+        units.append(unit("unit_tail.safetensors", {"model." + k: k for k in lay.tail}, {"model." + k: lay.dtypes[k] for k in lay.tail}))
+    return units
 
 
 def build_record(
@@ -246,27 +385,27 @@ def build_record(
     source: str,
     cfg: ConvertConfig,
     calib: CalibrationSet,
-    moe: Any,
+    specs: list[dict[str, Any] | None],
     reports: list[LayerReport],
     e2e: StageResult,
     seconds: float,
     d_ffn: int,
+    loading: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from .hf.modeling_moefy import MoefyMLP
-
+    """``specs``: :func:`moefy.export.mlp_spec` of every decoder layer's MoE FFN (None: dense)."""
     layers = []
-    for i, layer in enumerate(moe.model.model.layers):
-        if isinstance(layer.mlp, MoefyMLP):
+    for i, spec in enumerate(specs):
+        if spec is not None:
             layers.append(
                 {
                     "layer": i,
-                    "expert_sizes": layer.mlp.expert_sizes,
-                    "n_shared": layer.mlp.n_shared,
-                    "top_k": layer.mlp.top_k,  # LapSum: the (learned) mean budget k_l of this layer
-                    **({"lapsum_alpha": layer.mlp.lapsum_alpha, "lapsum_threshold": layer.mlp.lapsum_threshold}
-                       if layer.mlp.router_type == "lapsum" else {}),
+                    "expert_sizes": spec["expert_sizes"],
+                    "n_shared": spec["n_shared"],
+                    "top_k": spec["top_k"],  # LapSum: the (learned) mean budget k_l of this layer
+                    **({"lapsum_alpha": spec["lapsum_alpha"], "lapsum_threshold": spec["lapsum_threshold"]}
+                       if spec["router"] == "lapsum" else {}),
                     # dense neuron index of every MoE neuron: shared first, then expert by expert
-                    "neurons": getattr(layer.mlp, "source_neurons", None),
+                    "neurons": spec.get("source_neurons"),
                 }
             )
     summ = summary(reports)
@@ -290,6 +429,8 @@ def build_record(
         "router": cfg.router,
         "calibration": {"source": calib.source, "tokens": calib.n_tokens, "sequences": int(calib.ids.shape[0]), "seq_len": int(calib.ids.shape[1])},
         "config": cfg.to_dict(),
+        "dtype": cfg.dtype,
+        **({"loading": loading} if loading is not None else {}),
         "layers": layers,
         "layer_reports": [r.to_dict() for r in reports],
         "e2e_kl": e2e.losses,

@@ -51,8 +51,8 @@ def activation_sample(h: torch.Tensor, max_tokens: int = 8192, seed: int = 0) ->
     """At most ``max_tokens`` rows of intermediate activations ``h`` (tokens x d_ffn)."""
     if h.shape[0] <= max_tokens:
         return h
-    g = torch.Generator().manual_seed(seed)
-    return h[torch.randperm(h.shape[0], generator=g)[:max_tokens]]
+    g = torch.Generator().manual_seed(seed)  # a CPU generator: the same sample on every device
+    return h[torch.randperm(h.shape[0], generator=g)[:max_tokens].to(h.device)]
 
 
 def activation_rate(h: torch.Tensor, active_fraction: float) -> torch.Tensor:
@@ -61,15 +61,15 @@ def activation_rate(h: torch.Tensor, active_fraction: float) -> torch.Tensor:
     n = h.shape[1]
     k = max(1, int(round(active_fraction * n)))
     top = h.abs().topk(k, dim=1).indices
-    counts = torch.zeros(n)
-    counts.index_add_(0, top.flatten(), torch.ones(top.numel()))
+    counts = torch.zeros(n, device=h.device)
+    counts.index_add_(0, top.flatten(), torch.ones(top.numel(), device=h.device))
     return counts / h.shape[0]
 
 
 def choose_shared(h: torch.Tensor, n_shared: int, active_fraction: float) -> torch.Tensor:
     """CMoE's shared neurons: the ``n_shared`` neurons active for the most tokens."""
     if n_shared <= 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=h.device)
     rate = activation_rate(h, active_fraction)
     return torch.sort(rate.topk(n_shared).indices).values
 
@@ -79,10 +79,10 @@ def balanced_kmeans(features: torch.Tensor, caps: list[int], seed: int = 0, iter
     cosine similarities; returns the cluster of every row."""
     x = torch.nn.functional.normalize(features.float(), dim=1)
     g = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(x.shape[0], generator=g)[: len(caps)]].clone()
-    assign = torch.full((x.shape[0],), -1, dtype=torch.long)
+    centroids = x[torch.randperm(x.shape[0], generator=g)[: len(caps)].to(x.device)].clone()
+    assign = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
     for _ in range(iters):
-        new = round_greedy(x @ centroids.T, caps)
+        new = round_greedy(x @ centroids.T, caps).to(x.device)
         if torch.equal(new, assign):
             break
         assign = new
@@ -93,18 +93,20 @@ def balanced_kmeans(features: torch.Tensor, caps: list[int], seed: int = 0, iter
 
 
 def _routed(n: int, shared: torch.Tensor) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
+    keep = torch.ones(n, dtype=torch.bool, device=shared.device)
     keep[shared] = False
     return torch.nonzero(keep).flatten()
 
 
-def random_split(n: int, n_experts: int, seed: int = 0, shared: torch.Tensor | None = None) -> Split:
-    shared = shared if shared is not None else torch.zeros(0, dtype=torch.long)
+def random_split(
+    n: int, n_experts: int, seed: int = 0, shared: torch.Tensor | None = None, device: torch.device | str | None = None
+) -> Split:
+    shared = shared if shared is not None else torch.zeros(0, dtype=torch.long, device=device)
     routed = _routed(n, shared)
     g = torch.Generator().manual_seed(seed)
-    perm = routed[torch.randperm(routed.numel(), generator=g)]
+    perm = routed[torch.randperm(routed.numel(), generator=g).to(routed.device)]
     caps = capacities(routed.numel(), n_experts)
-    assign = torch.empty(routed.numel(), dtype=torch.long)
+    assign = torch.empty(routed.numel(), dtype=torch.long, device=routed.device)
     start = 0
     for e, c in enumerate(caps):
         assign[torch.searchsorted(routed, perm[start : start + c])] = e
@@ -113,7 +115,7 @@ def random_split(n: int, n_experts: int, seed: int = 0, shared: torch.Tensor | N
 
 
 def param_cluster_split(ffn: FFNWeights, n_experts: int, seed: int = 0, shared: torch.Tensor | None = None) -> Split:
-    shared = shared if shared is not None else torch.zeros(0, dtype=torch.long)
+    shared = shared if shared is not None else torch.zeros(0, dtype=torch.long, device=ffn.gate.device)
     routed = _routed(ffn.d_ffn, shared)
     gate = torch.nn.functional.normalize(ffn.gate.detach().float()[routed], dim=1)
     up = torch.nn.functional.normalize(ffn.up.detach().float()[routed], dim=1)
@@ -126,7 +128,7 @@ def act_cluster_split(
 ) -> Split:
     """Cluster neurons by the tokens they fire for: each neuron's feature is its 0/1 column of
     "among this token's top ``active_fraction`` neurons", centred, so co-active neurons meet."""
-    shared = shared if shared is not None else torch.zeros(0, dtype=torch.long)
+    shared = shared if shared is not None else torch.zeros(0, dtype=torch.long, device=h.device)
     routed = _routed(h.shape[1], shared)
     hr = h[:, routed].abs()
     k = max(1, int(round(active_fraction * routed.numel())))
