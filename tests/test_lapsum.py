@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moefy.hf.modeling_moefy import lapsum_keep, lapsum_route, lapsum_soft_topk
+from moefy.hf.modeling_moefy import lapsum_keep, lapsum_route
 from moefy.lapsum import (
     LapSumTopK,
     calibrate_threshold,
@@ -21,8 +21,8 @@ from moefy.lapsum import (
 
 
 def truncated_lapsum(scores, k, alpha, threshold=0.0, max_active=None):
-    """The training form of the LapSum router: the exported rule with the solve's gradient."""
-    return lapsum_route(scores, k, alpha, threshold, max_active, soft_topk=lapsum_topk)
+    """The LapSum router (the exported rule, with the solve's gradient)."""
+    return lapsum_route(scores, k, alpha, threshold, max_active)
 
 
 def _bisection_reference(scores: torch.Tensor, k: float, alpha: float) -> torch.Tensor:
@@ -238,12 +238,11 @@ def test_truncation_zero_grad_and_max_active() -> None:
     (g_trunc,) = torch.autograd.grad((w * v).sum(), scores)
     (g_soft,) = torch.autograd.grad((full * v * mask).sum(), scores, retain_graph=True)
     torch.testing.assert_close(g_trunc, g_soft)
-    # without truncation nothing is dropped; the training solve equals the inference one
+    # without truncation nothing is dropped; no gradient graph changes the values
     w3, mask3 = truncated_lapsum(scores, 3.0, 0.5)
     assert bool(mask3.all())
     torch.testing.assert_close(w3, full)
     assert torch.equal(lapsum_route(scores.detach(), 3.0, 0.5, 0.05, 4)[0], w.detach())
-    assert torch.equal(lapsum_soft_topk(scores.detach(), 3.0, 0.5), full.detach())
 
 
 def test_truncation_always_keeps_the_best_expert_even_under_ties() -> None:

@@ -28,11 +28,16 @@ import torch
 
 from moefy import kernels
 from moefy.dotmoe import DotMoeLayer
-from moefy.hf.modeling_moefy import MoefyMLP, lapsum_soft_topk, topk_experts
+from moefy.hf.modeling_moefy import MoefyMLP, lapsum_compute_dtype, lapsum_topk, topk_experts
 from moefy.training.student import _layer_from_mlp, _log_exactly
 
 E = 8
 ALPHA = float(torch.tensor(-0.75).exp())  # an fp32 exp() value, as every exported alpha is
+
+
+def lapsum_soft_topk(logits: torch.Tensor, k: float, alpha: float) -> torch.Tensor:
+    """LapSum weights as the router computes them: fp32 (fp64 for fp64 logits)."""
+    return lapsum_topk(logits.to(lapsum_compute_dtype(logits.dtype)), k, alpha)
 
 
 def _ulp_step(v: torch.Tensor, up: bool) -> torch.Tensor:
@@ -315,3 +320,25 @@ def test_student_of_a_converted_model_routes_as_its_export():
                 assert torch.equal(from_mask, w[:, nz]), (gating, i)
             out = student.model(input_ids=ids).logits
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("router,gating,k", [("lapsum", "lapsum", 2.5), ("topk", "softmax-renorm", 2), ("topk", "softmax", 2)])
+def test_router_gradients_agree(router, gating, k):
+    """The exported model is trainable as it routes: its router gradient (prefill and
+    forward_reference) equals the training layer's (whose STE adds P's gradient for mask gating only)."""
+    logits = logit_rows("random", 2, torch.float32, n=40)
+    mlp = probe(router, gating, k, 1, torch.float32, threshold=0.2, max_active=3)
+    x = inputs(logits)
+    v = torch.randn(x.shape[0], 1 + E, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for name, fn in (("prefill", mlp), ("forward_reference", mlp.forward_reference)):
+        mlp.zero_grad()
+        (fn(x) * v).sum().backward()
+        grads[name] = mlp.router.weight.grad.clone()
+    student = _layer_from_mlp(mlp, learn_assignment=False, rounding="greedy", sinkhorn_iters=30, margin=3.0)
+    student.router.weight.requires_grad_(True)
+    (student(x) * v).sum().backward()
+    grads["student"] = student.router.weight.grad
+    assert float(grads["prefill"].abs().max()) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads["forward_reference"], rtol=1e-5, atol=1e-6, msg=name)

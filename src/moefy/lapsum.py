@@ -1,100 +1,26 @@
-"""LapSum soft top-k routing (SoftMoE, arXiv 2606.17952): what training adds to the router.
+"""LapSum soft top-k routing (SoftMoE, arXiv 2606.17952): what training adds to it.
 
 For router scores ``r`` in ``R^n`` (one row per token, ``n`` experts), a temperature
 ``alpha > 0`` and a real budget ``k`` in ``(0, n)``, the LapSum weights are
+``p_i = F((r_i - t) / alpha)`` (``F`` the standard Laplace CDF) with the threshold ``t`` chosen so
+that ``sum_i p_i = k``; as ``alpha -> 0`` they tend to the hard top-k mask (integer ``k``).
 
-    p_i = F((r_i - t) / alpha),    F(x) = 0.5 e^x           (x < 0)
-                                   F(x) = 1 - 0.5 e^(-x)    (x >= 0)
-
-(``F`` is the standard Laplace CDF) with the threshold ``t`` chosen so that
-``sum_i p_i = k``.  Every ``p_i`` lies in ``[0, 1]``, the row sums to ``k`` exactly, and as
-``alpha -> 0`` the weights tend to the hard top-k mask (for integer ``k``).
-
-The forward rules have one definition, in the self-contained modeling file that every
-checkpoint carries (:mod:`moefy.hf.modeling_moefy`): the closed-form threshold
-(``lapsum_offsets``, an exact sort-based solve), the truncation (``lapsum_keep``: ``p >= threshold``,
-always the best expert, at most ``max_active``) and the router (``lapsum_route``).  This module adds
-what only training needs: the exact gradient of the solve (:func:`lapsum_topk`), the calibration
-of the truncation threshold, and the learned per-layer budgets.
-
-Exact backward (implicit differentiation)
------------------------------------------
-With ``z_i = (r_i - t) / alpha`` and ``g_i = F'(z_i) = 0.5 e^{-|z_i|}``, differentiating the
-constraint ``sum_i F(z_i) = k`` gives
-
-    dt = (sum_i g_i dr_i - alpha dk - (sum_i g_i z_i) dalpha) / sum_i g_i,
-
-so with ``h = g / sum(g) = softmax(-|z|)`` and the upstream gradient ``v = dL/dp``:
-
-    dL/dr_j   = g_j (v_j - <v, h>) / alpha
-    dL/dk     = <v, h>
-    dL/dalpha = sum_i g_i v_i (<h, z> - z_i) / alpha.
-
-Using ``h`` (a softmax) instead of ``g / sum(g)`` keeps the backward finite even when every
-``g_i`` underflows (tiny ``alpha``).
+The routing itself has one definition, in the self-contained modeling file every checkpoint
+carries (:mod:`moefy.hf.modeling_moefy`, re-exported here): the closed-form, sort-based solve for
+``t`` with its exact implicit-function gradient (:func:`lapsum_topk`), and the truncation
+(``lapsum_keep``: ``p >= threshold``, always the best expert, at most ``max_active``).  This
+module adds what only training needs: calibrating the truncation threshold to a target number of
+active experts, and the learned per-layer budgets.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from .hf.modeling_moefy import Scalar, laplace_cdf, lapsum_keep, lapsum_offsets
+from .hf.modeling_moefy import LapSumTopK, Scalar, laplace_cdf, lapsum_keep, lapsum_topk
 
 __all__ = ["LapSumTopK", "calibrate_threshold", "lapsum_topk", "laplace_cdf", "layer_budgets"]
-
-
-class LapSumTopK(torch.autograd.Function):
-    """LapSum soft top-k: ``p = F((scores - t) / alpha)`` with ``sum(p, -1) = k``.
-
-    ``scores``: ``[..., n]`` (any float dtype; float32 internally unless float64, output in the
-    input dtype).  ``k`` and ``alpha``: Python numbers or tensors broadcastable to
-    ``scores.shape[:-1]`` (one value per row), ``0 < k < n``, ``alpha > 0``.  The forward is
-    :func:`moefy.hf.modeling_moefy.lapsum_offsets`; the backward is the exact implicit-function
-    gradient w.r.t. ``scores``, ``k`` and ``alpha`` (see the module docstring); nothing is unrolled.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, scores: Tensor, k: Scalar, alpha: Scalar) -> Tensor:  # type: ignore[override]
-        z, aa = lapsum_offsets(scores, k, alpha)
-        ctx.save_for_backward(z, aa)
-        ctx.k_meta = (k.shape, k.dtype) if isinstance(k, Tensor) else None
-        ctx.alpha_meta = (alpha.shape, alpha.dtype) if isinstance(alpha, Tensor) else None
-        ctx.scores_dtype = scores.dtype
-        return laplace_cdf(z).to(scores.dtype)
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, grad_p: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        z, aa = ctx.saved_tensors
-        v = grad_p.to(z.dtype)
-        absz = z.abs()
-        g = 0.5 * torch.exp(-absz)  # Laplace density at z
-        h = torch.softmax(-absz, dim=-1)  # g / sum(g), finite even if every g underflows
-        vh = (v * h).sum(dim=-1, keepdim=True)
-        grad_scores = grad_k = grad_alpha = None
-        if ctx.needs_input_grad[0]:
-            grad_scores = (g * (v - vh) / aa).to(ctx.scores_dtype)
-        if ctx.needs_input_grad[1] and ctx.k_meta is not None:
-            shape, dtype = ctx.k_meta
-            grad_k = vh.squeeze(-1).sum_to_size(shape).to(dtype)
-        if ctx.needs_input_grad[2] and ctx.alpha_meta is not None:
-            shape, dtype = ctx.alpha_meta
-            zbar = (h * z).sum(dim=-1, keepdim=True)
-            ga = (g * v * (zbar - z)).sum(dim=-1, keepdim=True) / aa
-            grad_alpha = ga.squeeze(-1).sum_to_size(shape).to(dtype)
-        return grad_scores, grad_k, grad_alpha
-
-
-def lapsum_topk(scores: Tensor, k: Scalar, alpha: Scalar = 1.0) -> Tensor:
-    """LapSum soft top-k weights ``p`` (``[..., n]``, in ``[0, 1]``, ``p.sum(-1) == k``).
-
-    See :class:`LapSumTopK` for the argument conventions.
-    """
-    return LapSumTopK.apply(scores, k, alpha)
 
 
 def calibrate_threshold(

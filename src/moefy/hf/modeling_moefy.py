@@ -9,7 +9,6 @@ row slice of ``gate_proj``/``up_proj`` and a column slice of ``down_proj`` (a vi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,13 +24,13 @@ except ImportError:  # pragma: no cover - plain import when vendored elsewhere
 
 
 # =========================================================================== routing and gating
-# The one definition of inference-time routing: which experts a token runs and with what weight.
-# Everything that routes imports these functions: MoefyMLP below (prefill, batch-1 decode and
-# forward_reference), moefy's training layer (moefy.dotmoe.DotMoeLayer and moefy.routing, whose
-# straight-through estimators only add gradients) and moefy.lapsum (whose autograd Function wraps
-# the LapSum solve below).  The compiled decode kernel (moefy.kernels) cannot import Python: its
-# route() mirrors topk_experts (same tie rule) and is used only for mask gating, where every weight
-# is 1; tests/test_routing_agreement.py checks that all of them agree token by token.
+# The one definition of routing: which experts a token runs and with what weight.  Everything
+# that routes uses these functions: MoefyMLP below (prefill, batch-1 decode, forward_reference),
+# moefy's training layer (moefy.dotmoe.DotMoeLayer, and moefy.routing, whose straight-through
+# estimator only adds gradients) and moefy.lapsum (threshold calibration, per-layer budgets).
+# The compiled decode kernel (moefy.kernels) cannot import Python: its route() mirrors
+# topk_experts (same tie rule) and is used only for mask gating, where every weight is 1.
+# tests/test_routing_agreement.py checks that all of them agree token by token.
 #
 # Routing is a function of the router logits.  The logits themselves are a matmul, whose last bit
 # can depend on the summation order of the BLAS call (batch size, kernel), as in any model.
@@ -101,7 +100,7 @@ def scatter_weights(logits: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor 
 # so nothing overflows however large the scores or small ``alpha``; a root outside its own interval
 # (rounding, spread ~ alpha / eps) moves ``m`` until consistent, and one Newton step on ``tau``
 # (residual accumulated in float64) removes the remaining rounding.  Ties are harmless:
-# ``F(0) = 1/2`` from both sides.  (The exact gradient is in moefy.lapsum, which trains it.)
+# ``F(0) = 1/2`` from both sides.  The gradient is exact (implicit differentiation, :class:`LapSumTopK`).
 
 Scalar = float | int | torch.Tensor
 
@@ -237,7 +236,7 @@ def lapsum_offsets(scores: torch.Tensor, k: Scalar, alpha: Scalar) -> tuple[torc
     """``(z, alpha_rows)``: ``z = (scores - t) / alpha`` with ``sum_i F(z_i) = k`` per row, in the
     compute dtype (float32; float64 for float64 scores), and ``alpha`` as ``[..., 1]``.  ``k`` and
     ``alpha``: numbers or tensors broadcastable to ``scores.shape[:-1]``, ``0 < k < n``,
-    ``alpha > 0``.  No autograd (moefy.lapsum.lapsum_topk adds the exact gradient)."""
+    ``alpha > 0``.  No autograd (:func:`lapsum_topk` adds the exact gradient)."""
     if scores.dim() < 1 or scores.shape[-1] < 1:
         raise ValueError(f"scores must have a non-empty last (expert) dim, got {tuple(scores.shape)}")
     n = scores.shape[-1]
@@ -253,9 +252,51 @@ def lapsum_offsets(scores: torch.Tensor, k: Scalar, alpha: Scalar) -> tuple[torc
         return _lapsum_z(scores.detach().to(cdt), kk, aa), aa
 
 
-def lapsum_soft_topk(scores: torch.Tensor, k: Scalar, alpha: Scalar) -> torch.Tensor:
-    """LapSum weights ``p`` (``[..., n]`` in the compute dtype, in ``[0, 1]``, ``p.sum(-1) == k``); no autograd."""
-    return laplace_cdf(lapsum_offsets(scores, k, alpha)[0])
+class LapSumTopK(torch.autograd.Function):
+    """LapSum soft top-k: ``p = F((scores - t) / alpha)`` with ``sum(p, -1) = k``; output in the
+    scores' dtype.  Forward: :func:`lapsum_offsets`.  Backward: the exact implicit-function
+    gradient (nothing unrolled).  With ``z_i = (r_i - t) / alpha``, ``g_i = F'(z_i) = 0.5 e^-|z_i|``,
+    ``h = g / sum(g) = softmax(-|z|)`` (finite even when every ``g_i`` underflows) and the upstream
+    gradient ``v``: ``dL/dr_j = g_j (v_j - <v, h>) / alpha``, ``dL/dk = <v, h>``,
+    ``dL/dalpha = sum_i g_i v_i (<h, z> - z_i) / alpha``."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, k: Scalar, alpha: Scalar) -> torch.Tensor:  # type: ignore[override]
+        z, aa = lapsum_offsets(scores, k, alpha)
+        ctx.save_for_backward(z, aa)
+        ctx.k_meta = (k.shape, k.dtype) if isinstance(k, torch.Tensor) else None
+        ctx.alpha_meta = (alpha.shape, alpha.dtype) if isinstance(alpha, torch.Tensor) else None
+        ctx.scores_dtype = scores.dtype
+        return laplace_cdf(z).to(scores.dtype)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_p: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        z, aa = ctx.saved_tensors
+        v = grad_p.to(z.dtype)
+        absz = z.abs()
+        g = 0.5 * torch.exp(-absz)  # Laplace density at z
+        h = torch.softmax(-absz, dim=-1)  # g / sum(g), finite even if every g underflows
+        vh = (v * h).sum(dim=-1, keepdim=True)
+        grad_scores = grad_k = grad_alpha = None
+        if ctx.needs_input_grad[0]:
+            grad_scores = (g * (v - vh) / aa).to(ctx.scores_dtype)
+        if ctx.needs_input_grad[1] and ctx.k_meta is not None:
+            shape, dtype = ctx.k_meta
+            grad_k = vh.squeeze(-1).sum_to_size(shape).to(dtype)
+        if ctx.needs_input_grad[2] and ctx.alpha_meta is not None:
+            shape, dtype = ctx.alpha_meta
+            zbar = (h * z).sum(dim=-1, keepdim=True)
+            ga = (g * v * (zbar - z)).sum(dim=-1, keepdim=True) / aa
+            grad_alpha = ga.squeeze(-1).sum_to_size(shape).to(dtype)
+        return grad_scores, grad_k, grad_alpha
+
+
+def lapsum_topk(scores: torch.Tensor, k: Scalar, alpha: Scalar = 1.0) -> torch.Tensor:
+    """LapSum soft top-k weights ``p`` (``[..., n]`` in the scores' dtype, in ``[0, 1]``,
+    ``p.sum(-1) == k``), differentiable in ``scores``, ``k`` and ``alpha``."""
+    return LapSumTopK.apply(scores, k, alpha)
 
 
 def lapsum_keep(p: torch.Tensor, threshold: float, max_active: int | None) -> torch.Tensor:
@@ -270,14 +311,12 @@ def lapsum_keep(p: torch.Tensor, threshold: float, max_active: int | None) -> to
 
 
 def lapsum_route(
-    logits: torch.Tensor, k: Scalar, alpha: Scalar, threshold: float, max_active: int | None,
-    soft_topk: Callable[[torch.Tensor, Scalar, Scalar], torch.Tensor] = lapsum_soft_topk,
+    logits: torch.Tensor, k: Scalar, alpha: Scalar, threshold: float, max_active: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LapSum router: ``(weights, keep)``, both ``[..., n]``; ``weights`` are the soft top-k
-    weights (fp32; fp64 for fp64 logits) where kept and exactly 0 elsewhere, not renormalised.
-    ``soft_topk``: the solve (training passes moefy.lapsum.lapsum_topk, the same values with
-    gradients)."""
-    p = soft_topk(logits.to(lapsum_compute_dtype(logits.dtype)), k, alpha)
+    weights (fp32; fp64 for fp64 logits) where kept and exactly 0 elsewhere, not renormalised;
+    differentiable (dropped weights are constants)."""
+    p = lapsum_topk(logits.to(lapsum_compute_dtype(logits.dtype)), k, alpha)
     keep = lapsum_keep(p, threshold, max_active)
     return torch.where(keep, p, torch.zeros((), dtype=p.dtype, device=p.device)), keep
 
@@ -420,7 +459,7 @@ class MoefyMLP(nn.Module):
             return torch.mm(h.t().contiguous().t(), w)
         return torch.mm(h, w)
 
-    def _rows(self, xe: torch.Tensor, lo: int, hi: int, down_t: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    def _rows(self, xe: torch.Tensor, lo: int, hi: int, down_t: torch.Tensor, w: torch.Tensor | float | None) -> torch.Tensor:
         """Output of neurons ``lo:hi`` for tokens ``xe`` (in fp32 when half precision on CPU)."""
         upcast = self._half_cpu(xe) and xe.shape[0] >= HALF_UPCAST_MIN_TOKENS
         gw, uw = self.gate_proj.weight[lo:hi], self.up_proj.weight[lo:hi]
@@ -431,7 +470,7 @@ class MoefyMLP(nn.Module):
             gb, ub = (gb.float() if gb is not None else None), (ub.float() if ub is not None else None)
         h = self.act_fn(F.linear(xe, gw, gb)) * F.linear(xe, uw, ub)
         if w is not None:
-            h = h * w.to(h.dtype)
+            h = h * (w.to(h.dtype) if isinstance(w, torch.Tensor) else w)
         y = self._rows_down(h, lo, hi, down_t, upcast)
         return y.float() if self._half_cpu(xe) else y
 
@@ -480,29 +519,33 @@ class MoefyMLP(nn.Module):
                     self.tokens_seen += 1
                 return fused.to(x.dtype)[None]
         logits = self.router(x)
+        vals: torch.Tensor | None
         if self.router_type == "lapsum":
-            w = self._dense_weights(logits, x.dtype)
-            chosen = torch.nonzero(w[0]).flatten().tolist()
-            vals: torch.Tensor | None = w[0, chosen]
+            w = self._dense_weights(logits, x.dtype)[0]
+            chosen = [e for e, v in enumerate(w.tolist()) if v != 0]
+            vals = w[chosen]
         else:
             idx, vals = self._topk_route(logits, x.dtype)
             chosen = idx[0].tolist()
             vals = vals[0] if vals is not None else None
+        # the kernel takes the weights as numbers (exact: they are in x's dtype); the PyTorch path
+        # keeps them as tensors, which carry the router's gradient
+        scales = vals.tolist() if vals is not None and kernel else vals
         if self.count_active:
             self.active_pairs += len(chosen)
             self.tokens_seen += 1
         offsets = self.offsets
-        pieces: list[tuple[int, int, torch.Tensor | None]] = [(0, self.n_shared, None)] if self.n_shared else []
-        order = sorted(range(len(chosen)), key=chosen.__getitem__) if vals is None else range(len(chosen))
+        pieces: list[tuple[int, int, Any]] = [(0, self.n_shared, None)] if self.n_shared else []
+        order = sorted(range(len(chosen)), key=chosen.__getitem__) if scales is None else range(len(chosen))
         for j in order:
             e = chosen[j]
             lo, hi = offsets[e], offsets[e + 1]
             if lo == hi:
                 continue
-            if vals is None and pieces and pieces[-1][1] == lo and pieces[-1][2] is None:
+            if scales is None and pieces and pieces[-1][1] == lo and pieces[-1][2] is None:
                 pieces[-1] = (pieces[-1][0], hi, None)  # adjacent experts: one range
             else:
-                pieces.append((lo, hi, vals[j] if vals is not None else None))
+                pieces.append((lo, hi, scales[j] if scales is not None else None))
         if not pieces:
             return x.new_zeros(1, self.hidden_size)
         if kernel:
