@@ -268,6 +268,25 @@ def test_onload_refused_when_it_cannot_be_done(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@needs_shared()
+def test_whole_model_stages_say_what_they_need(tmp_path, capsys, monkeypatch):
+    """On a machine too small for the whole model, eval, the end-to-end stage and moefy train refuse
+    in one line saying how much they need; the layer-by-layer conversion still runs."""
+    import moefy.memory
+    from moefy.errors import OutOfMemoryError
+
+    monkeypatch.setattr(moefy.memory, "total_memory", lambda: 200_000)  # 0.2 MB: less than stories260K's 1 MB
+    code, err = _cli(["eval", str(STORIES), "--ppl", str(TINYSTORIES), "--max-windows", "1"], capsys)
+    assert code == OutOfMemoryError.exit_code and "needs the whole model in memory" in _one_error_line(err)
+    code, err = _cli(["convert", str(STORIES), "--out", str(tmp_path / "o"), "--calib", str(TINYSTORIES), "--stage", "both",
+                      "--calib-tokens", "1024", "--seq-len", "64"], capsys)
+    assert code == OutOfMemoryError.exit_code and "whole model loaded" in _one_error_line(err)
+    assert not (tmp_path / "o").exists()
+    run_convert(str(STORIES), tmp_path / "lw", _cfg(steps=1), [str(TINYSTORIES)], log=QUIET)  # layer by layer: fine
+    code, err = _cli(["train", str(tmp_path / "lw"), "--out", str(tmp_path / "t"), "--data", str(TINYSTORIES)], capsys)
+    assert code == OutOfMemoryError.exit_code and "moefy train" in _one_error_line(err)
+
+
 # ------------------------------------------------------------- devices, sizes, the code itself
 def test_device_resolution(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")

@@ -177,14 +177,17 @@ def eval_cmd(
     data_root: Annotated[Optional[Path], typer.Option(help="Folder with commonsense/ and hellaswag/ data.")] = None,
     batch_size: Annotated[int, typer.Option(help="Zero-shot batch size.")] = 16,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Weights while evaluating: fp32 | bf16 | fp16 | auto (the checkpoint's own).")] = "fp32",
 ) -> None:
-    """Perplexity and/or zero-shot accuracy of each MODEL (one table; JSON per model)."""
+    """Perplexity and/or zero-shot accuracy of each MODEL (one table; JSON per model).
+
+    Each model is loaded whole (in --dtype); one that cannot fit in this machine's memory is refused in one line."""
     if ppl is None and not tasks:
         raise ConfigError("nothing to evaluate: give --ppl FILE and/or --tasks")
     if ppl is not None and not ppl.is_file():
         raise CalibrationDataError(f"evaluation text not found: {ppl}")
     results = [
-        _eval_one(m, ppl, seq_len, max_windows, tasks, limit, data_root, batch_size) for m in models
+        _eval_one(m, ppl, seq_len, max_windows, tasks, limit, data_root, batch_size, dtype) for m in models
     ]
     table = Table(title="moefy eval")
     table.add_column("metric")
@@ -340,6 +343,7 @@ def train(
         settings["lrs"] = {**(settings.get("lrs") or {}), **group_lrs}
     cfg = TrainConfig.from_dict(settings)
     cfg.validate()
+    _check_training_memory(ckpt)
     try:
         with _TrainBar() as bar:
             res = run_train(ckpt, out, cfg, [str(d) for d in data or []] or None, teacher=teacher,
@@ -360,6 +364,25 @@ def train(
         console.print(table)
         _log(f"{entry['tokens']} tokens in {entry['seconds']:.0f} s ({entry['tokens_per_second']:.1f} tokens/s), "
              f"peak RSS {entry['peak_rss_mib']:.0f} MiB")
+
+
+def _check_training_memory(ckpt: Path) -> None:
+    """``moefy train`` holds the whole student (fp32 weights, gradients and two AdamW states for
+    what trains) and the dense teacher: refuse in one line when even their weights cannot fit."""
+    from .memory import available_memory, check_whole_model, format_size
+    from .models import locate, parameter_count
+
+    try:
+        n_params = parameter_count(locate(str(ckpt)))
+    except MoefyError:
+        return  # run_train says what is wrong with the checkpoint
+    if not n_params:
+        return
+    check_whole_model("moefy train (the student and the teacher in fp32)", n_params * 8, "train on a machine with more memory")
+    if n_params * 20 > available_memory():
+        _log(f"moefy train holds the student and the teacher whole: about {format_size(n_params * 20)} for "
+             f"{n_params / 1e6:.0f}M parameters when every group trains (fp32 weights, gradients, AdamW states), "
+             f"{format_size(available_memory())} is available; --freeze groups to need less")
 
 
 @app.command()
@@ -393,11 +416,21 @@ def _eval_one(
     limit: int | None,
     data_root: Path | None,
     batch_size: int,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
     from .evaluate import load_eval_ids, perplexity
-    from .models import load
+    from .memory import DTYPES, check_whole_model
+    from .models import checkpoint_dtype, load, locate, parameter_count
 
-    loaded = load(model)
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)} or auto")
+    src = locate(model)
+    torch_dtype = checkpoint_dtype(src) if dtype == "auto" else DTYPES[dtype]
+    n_params = parameter_count(src)
+    if n_params:
+        check_whole_model(f"evaluating {model}", int(n_params * torch_dtype.itemsize * 1.1),
+                          "evaluate on a machine with more memory (or with --dtype bf16)", log=_log)
+    loaded = load(src, torch_dtype)
     result: dict[str, Any] = {"model": model, "loaded_from": loaded.source}
     with _Bars() as bars:
         if ppl is not None:

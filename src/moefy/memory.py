@@ -72,6 +72,9 @@ def total_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+RUNTIME_BYTES = 512 << 20  # Python, torch and transformers themselves (about 0.4-0.5 GiB resident)
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """What the memory of one layer-wise step depends on."""
@@ -99,10 +102,10 @@ def fit_bytes(shape: LayerShape, tokens: int, batch_tokens: int = 2048, chunk: i
     activations in fp32, the ridge refit's ``d_ffn x d_ffn`` system and one STE training batch."""
     d, f, s = shape.d_model, shape.d_ffn, shape.itemsize
     weights = shape.layer_params * s + 3 * d * f * 4 + 3 * d * f * s
-    io = 2 * tokens * d * 4 + tokens * f * 4
-    ridge = 2 * f * f * 4 + 4 * f * d * 4 + 2 * min(tokens, chunk) * f * 4
+    io = 2 * 2 * tokens * d * 4 + tokens * f * 4  # FFN inputs/outputs in fp32 (collected, then joined); h
+    ridge = 3 * f * f * 4 + 5 * f * d * 4 + 4 * min(tokens, chunk) * f * 4  # Z^T Z, its + lam I, the solve's LU
     ste = 6 * min(tokens, batch_tokens) * f * 4
-    return weights + io + max(ridge, ste) + shape.resident_params * s
+    return RUNTIME_BYTES + weights + io + max(ridge, ste) + shape.resident_params * s
 
 
 def activation_bytes(shape: LayerShape, tokens: int) -> int:

@@ -351,9 +351,13 @@ def run_convert(
 
 
 def _loading(layer_by_layer: bool, plan: MemoryPlan, dev: torch.device) -> dict[str, Any]:
-    return {"layer_by_layer": layer_by_layer, "device": str(dev), "activations": "disk" if plan.spill else "memory",
-            "max_memory": plan.budget, "estimated_layer_bytes": plan.layer_bytes,
-            "activation_bytes": plan.activation_bytes}
+    """How the conversion ran, for ``moefy.json`` (``cuda_peak_bytes``: the device's peak allocation)."""
+    out = {"layer_by_layer": layer_by_layer, "device": str(dev), "activations": "disk" if plan.spill else "memory",
+           "max_memory": plan.budget, "estimated_layer_bytes": plan.layer_bytes,
+           "activation_bytes": plan.activation_bytes}
+    if dev.type == "cuda":
+        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+    return out
 
 
 def _output_units(work: WorkDir, host: OnloadHost, layers: torch.nn.ModuleList, prefix: str) -> list[Path]:
