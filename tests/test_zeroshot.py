@@ -1,32 +1,108 @@
-"""Tests for moefy.zeroshot: parsers on the shared data, scoring on hand-made models, one real model."""
+"""Zero-shot evaluation: moefy's offline task copies (moefy.task_data) scored by lm-eval (moefy.zeroshot).
+
+The agreement test pins lm-eval's numbers on stories260K to those of the scorer moefy had before
+(tests/data/zeroshot_reference_stories260k.json): same prompts, same log-likelihoods to float32
+rounding, the same acc and acc_norm.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import re
+import os
+import subprocess
+import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
-from moefy import zeroshot as zs
+from moefy import task_data as td
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data"
 STORIES = SHARED / "models" / "stories260K" / "hf"
+REFERENCE = Path(__file__).resolve().parent / "data" / "zeroshot_reference_stories260k.json"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA} (expected ../shared next to the project)")
 needs_model = pytest.mark.skipif(not STORIES.is_dir(), reason=f"stories260K not found at {STORIES} (expected ../shared next to the project)")
+try:
+    import lm_eval  # noqa: F401
+
+    HAVE_LM_EVAL = True
+except ImportError:  # pragma: no cover - lm-eval is a dependency; a broken install skips, and says so
+    HAVE_LM_EVAL = False
+needs_lm_eval = pytest.mark.skipif(not HAVE_LM_EVAL, reason="lm-eval is not importable (pip install 'lm-eval>=0.4,<0.5')")
+
+
+@pytest.fixture(scope="module")
+def stories():
+    if not STORIES.is_dir():
+        pytest.skip(f"stories260K not found at {STORIES}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(STORIES)
+
+
+def _sha(context: str, continuation: str) -> str:
+    return hashlib.sha1(json.dumps([context, continuation]).encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------
-# hand-made tokenizer and models
+# lm-eval against the former scorer
 # ------------------------------------------------------------------------------------------
 
 
-def make_tokenizer(texts, bos: bool = True):
-    """A word-level HF fast tokenizer over the words of ``texts``; prepends <s> when ``bos``."""
+@needs_lm_eval
+@needs_data
+@needs_model
+def test_lm_eval_gives_the_former_scorers_numbers(stories):
+    from moefy.zeroshot import evaluate_tasks
+
+    ref = json.loads(REFERENCE.read_text())
+    model, tok = stories
+    res = evaluate_tasks(model, tok, list(ref["tasks"]), data_root=DATA, limit=ref["limit"], details=True)
+    for task, want in ref["tasks"].items():
+        got = res[task]
+        assert got["n"] == want["n"] == 100
+        assert (got["acc"], got["acc_norm"]) == (want["acc"], want["acc_norm"]), task
+        assert got["acc_stderr"] == pytest.approx(want["acc_stderr"], rel=1e-9)
+        assert [it["doc_id"] for it in got["items"]] == list(range(100))
+        for i, (g, w) in enumerate(zip(got["items"], want["items"])):
+            assert [_sha(c, x) for c, x in g["requests"]] == w["requests_sha1"], (task, i)  # identical prompts
+            assert g["lls"] == pytest.approx(w["lls"], abs=1e-4), (task, i)
+
+
+@needs_lm_eval
+@needs_data
+@needs_model
+def test_every_offline_task_runs_with_its_prompt(stories):
+    from moefy.zeroshot import evaluate_tasks
+
+    model, tok = stories
+    res = evaluate_tasks(model, tok, list(td.LOCAL_TASKS), data_root=DATA, limit=3, details=True)
+    for task, r in res.items():
+        assert r["n"] == 3 and set(r) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}, task
+        assert 0.0 <= r["acc"] <= 1.0 and 0.0 <= r["acc_norm"] <= 1.0
+        for it in r["items"]:
+            assert all(math.isfinite(x) and x < 0 for x in it["lls"])
+    first = {t: r["items"][0]["requests"] for t, r in res.items()}
+    assert first["boolq"] == [["Question: does ethanol take more energy make that produces?\nAnswer:", " no"],
+                              ["Question: does ethanol take more energy make that produces?\nAnswer:", " yes"]]
+    assert first["sciq"][0][0].startswith("Question: ") and first["sciq"][3][1] == " oxidants"  # lm-eval: correct last
+    assert first["social_iqa"][0][0].startswith("Q: ") and first["social_iqa"][0][0].endswith("\nA:")
+    assert first["hellaswag"][0][0] == "Roof shingle removal: A man is sitting on a roof. He"
+    assert first["winogrande"][1] == ["Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."]
+    assert first["arc_challenge"][2][1] == " Planetary days will become shorter."
+
+
+# ------------------------------------------------------------------------------------------
+# any lm-eval task: configs from --task-dir, other output types
+# ------------------------------------------------------------------------------------------
+
+
+def _word_tokenizer(texts):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -37,269 +113,157 @@ def make_tokenizer(texts, bos: bool = True):
             vocab.setdefault(w, len(vocab))
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre
-    if bos:
-        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
-class BigramLM(nn.Module):
-    """Next-token logits depend only on the current token: ``logits[t] = table[input_ids[t]]``."""
-
-    def __init__(self, vocab_size: int, max_len: int = 256):
-        super().__init__()
-        self.table = nn.Parameter(torch.zeros(vocab_size, vocab_size))
-        self.config = SimpleNamespace(max_position_embeddings=max_len)
-
-    def prefer(self, tokenizer, pairs, strength: float = 8.0):
-        vocab = tokenizer.get_vocab()
-        with torch.no_grad():
-            for a, b in pairs:
-                self.table[vocab[a], vocab[b]] = strength
-        return self
-
-    def forward(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-
-KNOWN_ITEMS = [
-    # gold is the only choice containing a preferred bigram; golds at different positions, different
-    # numbers of choices and continuation lengths (so batches need padding)
-    zs.MCItem("Question: what colour is the sky?\nAnswer:", ["red grass", "blue sky", "green sea"], 1),
-    zs.MCItem("Question: where does the cat sit?\nAnswer:", ["the cat sat on the mat", "dog on roof", "mat on the sat"], 0),
-    zs.MCItem("The opposite of hot is", ["warm", "tepid", "cold", "boiling"], 2),  # decided by the context's last token
-    zs.MCItem("Question: is ice cold?\nAnswer:", ["no", "yes"], 1),
-    # partial evaluation (WinoGrande style): the contexts differ, the continuation is shared
-    zs.MCItem("Sarah beat Maria so _ won.", ["won.", "won."], 1, contexts=["Sarah beat Maria so Sarah", "Sarah beat Maria so Maria"]),
-]
-PREFERRED = [
-    ("blue", "sky"),
-    ("the", "cat"), ("cat", "sat"), ("sat", "on"), ("on", "the"), ("the", "mat"),
-    ("is", "cold"),
-    (":", "yes"),
-    ("Maria", "won"),
-]
-
-
-def all_texts(items):
-    return [c + cont for it in items for c, cont in it.requests()]
-
-
-# ------------------------------------------------------------------------------------------
-# scoring
-# ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("batch_size", [1, 3, 64])
-def test_known_answers_get_full_accuracy(batch_size):
-    tok = make_tokenizer(all_texts(KNOWN_ITEMS))
-    model = BigramLM(len(tok.get_vocab())).prefer(tok, PREFERRED)
-    res = zs.score_items(model, tok, KNOWN_ITEMS, batch_size=batch_size, return_details=True)
-    assert res["n"] == len(KNOWN_ITEMS)
-    assert res["acc"] == 1.0
-    assert res["acc_stderr"] == 0.0
-    assert [d["pred"] for d in res["details"]] == [it.gold for it in KNOWN_ITEMS]
-
-
-def test_loglikelihood_values_match_bigram_table():
-    tok = make_tokenizer(all_texts(KNOWN_ITEMS))
-    V = len(tok.get_vocab())
-    model = BigramLM(V).prefer(tok, PREFERRED, strength=5.0)
-    # the ":" row boosts only "yes" and the "blue" row only "sky"; all other rows are uniform
-    (ll_red, _), (ll_blue, greedy_blue) = zs.loglikelihoods(model, tok, KNOWN_ITEMS[0].requests()[:2])
-    logz_boost = math.log(V - 1 + math.exp(5.0))
-    assert ll_red == pytest.approx(-logz_boost - math.log(V), abs=1e-5)  # p(red|:) p(grass|red)
-    assert ll_blue == pytest.approx(-logz_boost + 5.0 - logz_boost, abs=1e-5)  # p(blue|:) p(sky|blue)
-    assert not greedy_blue  # "yes" is the arg-max after ":"
-    (ll_yes, greedy_yes), = zs.loglikelihoods(model, tok, [KNOWN_ITEMS[3].requests()[1]])
-    assert greedy_yes and ll_yes == pytest.approx(5.0 - logz_boost, abs=1e-5)
-
-
-def test_acc_norm_length_normalisation_changes_winner():
-    # uniform model: every token costs log V, so the 1-token choice wins on acc, but per character
-    # the 2-token, 21-character choice is far cheaper and wins on acc_norm
-    item = zs.MCItem("Question: pick one\nAnswer:", ["x", "yyyyyyyyyy zzzzzzzzzz"], gold=1)
-    tok = make_tokenizer(all_texts([item]))
-    model = BigramLM(len(tok.get_vocab()))
-    res = zs.score_items(model, tok, [item], return_details=True)
-    lls = res["details"][0]["lls"]
-    assert lls[0] > lls[1]
-    assert lls[0] / 1 < lls[1] / 21
-    assert res["acc"] == 0.0 and res["acc_norm"] == 1.0
-    assert res["details"][0]["pred"] == 0 and res["details"][0]["pred_norm"] == 1
-
-
-def test_stderr_and_limit():
-    tok = make_tokenizer(all_texts(KNOWN_ITEMS))
-    model = BigramLM(len(tok.get_vocab())).prefer(tok, PREFERRED)
-    wrong = zs.MCItem(KNOWN_ITEMS[0].context, KNOWN_ITEMS[0].choices, gold=0)
-    res = zs.score_items(model, tok, [KNOWN_ITEMS[0], wrong, KNOWN_ITEMS[1]], limit=2)
-    assert res["n"] == 2 and res["acc"] == 0.5
-    assert res["acc_stderr"] == pytest.approx(0.5)  # sample std (ddof=1) / sqrt(n)
-    with pytest.raises(ValueError):
-        zs.score_items(model, tok, [], batch_size=2)
-
-
-def test_encode_pair_bos_and_trailing_space():
-    tok = make_tokenizer(["Question : hi Answer yes no"])
-    ctx, cont = zs.encode_pair(tok, "Question: hi\nAnswer: ", "yes")  # trailing space moves to the continuation
-    vocab = tok.get_vocab()
-    assert ctx[0] == vocab["<s>"] and ctx[1] == vocab["Question"]
-    assert cont == [vocab["yes"]]
-    tok_nobos = make_tokenizer(["Question : hi Answer yes no"], bos=False)
-    ctx2, cont2 = zs.encode_pair(tok_nobos, "Question: hi\nAnswer:", " yes")
-    assert ctx2 == ctx[1:] and cont2 == cont
-
-
-def _tiny_llama(vocab_size: int, max_len: int = 128):
+@needs_lm_eval
+def test_task_configs_from_a_folder(tmp_path):
+    """Any lm-eval task config works: a multiple-choice and a loglikelihood task over local JSONL."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from moefy.zeroshot import evaluate_tasks
+
+    docs = [{"q": f"is {w} a colour ?", "choices": ["yes", "no"], "gold": g, "text": f"the {w} cat sat"}
+            for w, g in [("red", 0), ("table", 1), ("blue", 0), ("chair", 1), ("green", 0)]]
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test"}
+    (tmp_path / "toy_mc.yaml").write_text(json.dumps({
+        "task": "toy_mc", **common, "output_type": "multiple_choice", "doc_to_text": "Question: {{q}}\nAnswer:",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
+        "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}))
+    (tmp_path / "toy_ll.yaml").write_text(json.dumps({
+        "task": "toy_ll", **common, "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+        "metric_list": [{"metric": "word_perplexity"}]}))
+    tok = _word_tokenizer([d["q"] + " yes no " + d["text"] + " Question Answer :" for d in docs])
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len)
-    return LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok.get_vocab()), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64)).eval()
+    res = evaluate_tasks(model, tok, "toy_mc,toy_ll", task_dirs=[tmp_path], limit=4, batch_size=2)
+    assert res["toy_mc"]["n"] == 4 and 0.0 <= res["toy_mc"]["acc"] <= 1.0 and "acc_norm" in res["toy_mc"]
+    assert res["toy_ll"]["n"] == 4 and res["toy_ll"]["word_perplexity"] > 1.0
 
 
-def _reference_ll(model, tok, context, continuation, max_len=None):
-    ctx, cont = zs.encode_pair(tok, context, continuation)
-    full = ctx + cont
-    if max_len is not None:
-        full = full[-(max_len + 1):]
-    ids = torch.tensor([full[:-1]])
-    with torch.no_grad():
-        lp = model(input_ids=ids).logits[0].float().log_softmax(-1)
-    tgt = torch.tensor(cont)
-    return lp[-len(cont):].gather(-1, tgt[:, None]).sum().item()
+def test_errors_are_one_line_and_come_before_the_model(tmp_path):
+    from moefy.zeroshot import evaluate_tasks
 
-
-def test_batched_padding_matches_unbatched_reference_on_tiny_llama():
-    tok = make_tokenizer(all_texts(KNOWN_ITEMS))
-    model = _tiny_llama(len(tok.get_vocab()))
-    reqs = [r for it in KNOWN_ITEMS for r in it.requests()]
-    got_1 = [ll for ll, _ in zs.loglikelihoods(model, tok, reqs, batch_size=1)]
-    got_b = [ll for ll, _ in zs.loglikelihoods(model, tok, reqs, batch_size=5)]
-    ref = [_reference_ll(model, tok, c, x) for c, x in reqs]
-    assert got_1 == pytest.approx(ref, abs=1e-5)
-    assert got_b == pytest.approx(ref, abs=1e-5)
-    # left truncation to max_length + 1 tokens, like lm-eval
-    got_t = [ll for ll, _ in zs.loglikelihoods(model, tok, reqs, batch_size=4, max_length=6)]
-    ref_t = [_reference_ll(model, tok, c, x, max_len=6) for c, x in reqs]
-    assert got_t == pytest.approx(ref_t, abs=1e-5)
-
-
-# ------------------------------------------------------------------------------------------
-# task registry and errors
-# ------------------------------------------------------------------------------------------
-
-
-def test_unknown_task_and_missing_file_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown task 'nope'; supported: arc_easy") as e:
-        zs.load_task("nope")
-    assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="unknown task"):
-        zs.evaluate_tasks(None, None, ["arc_easy", "nope"])  # checked before any model call
     with pytest.raises(ValueError, match="not found") as e:
-        zs.evaluate_tasks(None, None, ["piqa"], data_root=tmp_path)
-    assert "\n" not in str(e.value) and "piqa.test.json" in str(e.value)
+        evaluate_tasks(None, None, ["arc_easy", "piqa"], data_root=tmp_path)
+    assert "\n" not in str(e.value) and "ARC-Easy.test.json" in str(e.value)
+    with pytest.raises(ValueError, match="task config folder not found"):
+        evaluate_tasks(None, None, ["x"], task_dirs=[tmp_path / "nope"])
+    with pytest.raises(ValueError, match="no tasks"):
+        evaluate_tasks(None, None, " , ")
     with pytest.raises(ValueError, match="not found"):
-        zs.load_task("hellaswag", data_root=tmp_path)
+        td.load_docs("hellaswag", data_root=tmp_path)
+    with pytest.raises(ValueError, match="no offline copy"):
+        td.load_docs("mmlu")
+
+
+@needs_lm_eval
+@needs_data
+def test_unknown_task_names_every_source(stories):
+    from moefy.zeroshot import evaluate_tasks
+
+    model, tok = stories
+    with pytest.raises(ValueError, match="unknown task 'no_such_task'") as e:
+        evaluate_tasks(model, tok, ["arc_easy", "no_such_task"], data_root=DATA, limit=2)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------
+# the offline copies as lm-eval documents
+# ------------------------------------------------------------------------------------------
+
+EXPECTED = {  # task: items
+    "arc_challenge": 1172, "arc_easy": 2376, "boolq": 3270, "openbookqa": 500, "piqa": 1838,
+    "social_iqa": 1954, "winogrande": 1267, "sciq": 1000, "hellaswag": 10042,
+}
 
 
 def test_task_names():
-    assert set(zs.TASKS) == {"arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "boolq", "sciq", "openbookqa", "social_iqa"}
-
-
-# ------------------------------------------------------------------------------------------
-# parsers on the real files
-# ------------------------------------------------------------------------------------------
-
-EXPECTED = {  # task: (items, set of choice counts)
-    "arc_challenge": (1172, {3, 4, 5}),
-    "arc_easy": (2376, {3, 4, 5}),
-    "boolq": (3270, {2}),
-    "openbookqa": (500, {4}),
-    "piqa": (1838, {2}),
-    "social_iqa": (1954, {3}),
-    "winogrande": (1267, {2}),
-    "sciq": (1000, {4}),
-    "hellaswag": (10042, {4}),
-}
+    assert set(td.LOCAL_TASKS) == set(EXPECTED)
 
 
 @needs_data
 @pytest.mark.parametrize("task", sorted(EXPECTED))
-def test_parser_on_real_file(task):
-    items = zs.load_task(task, data_root=DATA)
-    n, counts = EXPECTED[task]
-    assert len(items) == n
-    assert {len(it.choices) for it in items} <= counts
-    for it in items:
-        assert 0 <= it.gold < len(it.choices)
-        assert it.context.strip() and all(c.strip() for c in it.choices)
-    assert zs.load_task(task, data_root=DATA, limit=3) == items[:3]  # deterministic, file order
-    if task in ("arc_easy", "arc_challenge", "piqa", "sciq"):
-        assert all(it.context.startswith("Question: ") and it.context.endswith("\nAnswer:") for it in items)
-    if task == "social_iqa":
-        assert all(it.context.startswith("Q: ") and it.context.endswith("\nA:") for it in items)
-    if task == "boolq":
-        assert all(it.choices == ["no", "yes"] and it.context.endswith("?\nAnswer:") and "??" not in it.context for it in items)
-    if task == "winogrande":
-        for it in items:
-            assert it.contexts is not None and len(set(it.choices)) == 1
-            assert all("_" not in c for c in it.contexts)
-            for ctx, ch in zip(it.contexts, it.choices):
-                assert it.context.replace("_", ctx[it.context.index("_"):], 1).startswith(ctx)
-    if task == "hellaswag":
-        for it in items:
-            # lm-eval's preprocessing drops matched [...] only; stray "[" stay, as they do there
-            for text in [it.context, *it.choices]:
-                assert re.search(r"\[.*?\]", text) is None and "[title]" not in text
+def test_documents_of_the_real_files(task):
+    docs = td.load_docs(task, data_root=DATA)
+    assert len(docs) == EXPECTED[task]
+    assert td.load_docs(task, data_root=DATA, limit=3) == docs[:3]  # deterministic, file order
+    for d in docs:
+        if task in ("arc_easy", "arc_challenge", "openbookqa"):
+            assert d["answerKey"] in d["choices"]["label"] and len(d["choices"]["text"]) in (3, 4, 5)
+        elif task == "piqa":
+            assert d["label"] in (0, 1) and d["goal"].strip()
+        elif task == "winogrande":
+            assert d["sentence"].count("_") >= 1 and d["answer"] in ("1", "2")
+        elif task == "boolq":
+            assert d["label"] in (0, 1) and not d["question"].endswith("?")
+        elif task == "sciq":
+            assert all(d[k].strip() for k in ("correct_answer", "distractor1", "distractor2", "distractor3"))
+        elif task == "social_iqa":
+            assert d["label"] in ("1", "2", "3") and all(d[k] for k in ("answerA", "answerB", "answerC"))
+        else:
+            assert len(d["endings"]) == 4 and d["label"] in ("0", "1", "2", "3")
+    if task == "hellaswag":  # ctx_b exists for the ActivityNet items only
+        assert sum(1 for d in docs if d["ctx_b"]) == 3243
+        assert all(d["ctx_b"] == d["ctx_b"].lower() for d in docs)  # so str.capitalize only raises the first letter
 
 
 @needs_data
-def test_parser_first_items_exact():
-    arc = zs.load_task("arc_challenge", data_root=DATA, limit=1)[0]
-    assert arc.context == ("Question: An astronomer observes that a planet rotates faster after a meteorite impact. "
-                           "Which is the most likely effect of this increase in rotation?\nAnswer:")
-    assert arc.choices[2] == "Planetary days will become shorter." and arc.gold == 2
-    assert arc.requests()[0][1] == " Planetary density will decrease."
-    piqa = zs.load_task("piqa", data_root=DATA, limit=2)
-    assert piqa[0].context == "Question: How do I ready a guinea pig cage for it's new occupants?\nAnswer:" and piqa[0].gold == 0
-    assert piqa[1].choices == ["replace drawer with bobby pin ", "finish, woodgrain with  bobby pin "]  # raw PIQA text kept
-    hs = zs.load_task("hellaswag", data_root=DATA, limit=1)[0]
-    assert hs.context == "Roof shingle removal: A man is sitting on a roof. He"  # ctx_b capitalised like lm-eval
-    assert hs.choices[3] == "starts pulling up roofing on a roof." and hs.gold == 3
-    wg = zs.load_task("winogrande", data_root=DATA, limit=1)[0]
-    assert wg.contexts == ["Sarah was a much better surgeon than Maria so Sarah", "Sarah was a much better surgeon than Maria so Maria"]
-    assert wg.requests()[1] == ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases.")
-    assert wg.gold == 1
-    bq = zs.load_task("boolq", data_root=DATA, limit=1)[0]
-    assert bq.context == "Question: does ethanol take more energy make that produces?\nAnswer:" and bq.gold == 0
-    ob = zs.load_task("openbookqa", data_root=DATA, limit=2)[1]
-    assert ob.context == "There is most likely going to be fog around:" and ob.choices[0] == "a marsh" and ob.gold == 0
-    sq = zs.load_task("sciq", data_root=DATA, limit=1)[0]
-    assert sq.choices == ["Oxygen", "residues", "antioxidants", "oxidants"] and sq.gold == 3
+def test_first_documents_exact():
+    arc = td.load_docs("arc_challenge", data_root=DATA, limit=1)[0]
+    assert arc["question"] == ("An astronomer observes that a planet rotates faster after a meteorite impact. "
+                               "Which is the most likely effect of this increase in rotation?")
+    assert arc["choices"]["text"][2] == "Planetary days will become shorter." and arc["answerKey"] == "C"
+    piqa = td.load_docs("piqa", data_root=DATA, limit=2)
+    assert piqa[0]["goal"] == "How do I ready a guinea pig cage for it's new occupants?" and piqa[0]["label"] == 0
+    assert (piqa[1]["sol1"], piqa[1]["sol2"]) == ("replace drawer with bobby pin ", "finish, woodgrain with  bobby pin ")
+    hs = td.load_docs("hellaswag", data_root=DATA, limit=1)[0]
+    assert (hs["activity_label"], hs["ctx_a"], hs["ctx_b"]) == ("Roof shingle removal", "A man is sitting on a roof.", "he")
+    assert hs["endings"][3] == "starts pulling up roofing on a roof." and hs["label"] == "3"
+    wg = td.load_docs("winogrande", data_root=DATA, limit=1)[0]
+    assert wg == {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+                  "option1": "Sarah", "option2": "Maria", "answer": "2"}
+    bq = td.load_docs("boolq", data_root=DATA, limit=1)[0]
+    assert bq["question"] == "does ethanol take more energy make that produces" and bq["label"] == 0
+    ob = td.load_docs("openbookqa", data_root=DATA, limit=2)[1]
+    assert ob["question_stem"] == "There is most likely going to be fog around:" and ob["choices"]["text"][0] == "a marsh"
+    assert ob["answerKey"] == "A"
+    sq = td.load_docs("sciq", data_root=DATA, limit=1)[0]
+    assert sq["correct_answer"] == "oxidants" and [sq[f"distractor{i}"] for i in (1, 2, 3)] == ["Oxygen", "residues", "antioxidants"]
 
 
 # ------------------------------------------------------------------------------------------
-# end to end on the real tiny model
+# the command line and the JSON moefy compare reads
 # ------------------------------------------------------------------------------------------
 
 
+@needs_lm_eval
 @needs_data
 @needs_model
-def test_stories260k_end_to_end():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_moefy_eval_json(tmp_path):
+    out = tmp_path / "eval.json"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moefy.cli", "eval", str(STORIES), "--tasks", "arc_easy,winogrande", "--limit", "5",
+         "--data-root", str(DATA), "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["tasks_scored_by"].startswith("lm-eval 0.4")
+    for name in ("arc_easy", "winogrande"):
+        assert list(res["tasks"][name]) == ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"]
+        assert res["tasks"][name]["n"] == 5
+    assert "arc_easy acc / acc_norm (n=5)" in proc.stdout + proc.stderr
 
-    model = AutoModelForCausalLM.from_pretrained(STORIES)
-    tok = AutoTokenizer.from_pretrained(STORIES)
-    res = zs.evaluate_tasks(model, tok, ["arc_easy", "winogrande"], data_root=DATA, limit=5, batch_size=8)
-    assert set(res) == {"arc_easy", "winogrande"}
-    for r in res.values():
-        assert r["n"] == 5
-        for k in ("acc", "acc_norm"):
-            assert 0.0 <= r[k] <= 1.0
-            assert r[k + "_stderr"] >= 0.0 and math.isfinite(r[k + "_stderr"])
-    items = zs.load_task("hellaswag", data_root=DATA, limit=5)
-    det = zs.score_items(model, tok, items, batch_size=4, return_details=True)["details"]
-    assert len(det) == 5 and all(len(d["lls"]) == 4 for d in det)
-    assert all(math.isfinite(x) and x < 0 for d in det for x in d["lls"])
+
+def test_compare_report_cells():
+    from moefy.compare import markdown_report
+
+    ev = {"tasks": {"arc_easy": {"acc": 0.25, "acc_norm": 0.5, "n": 4}, "lambada_openai": {"acc": 0.125, "perplexity": 9.0, "n": 8}}}
+    md = markdown_report({"model": "m", "calibration": [], "calib_tokens": 0, "ppl_file": None, "tasks": ["arc_easy", "lambada_openai"],
+                          "dense": ev, "cells": {}})
+    assert "| 0.250 / 0.500 (n=4) | 0.125 / - (n=8) |" in md

@@ -172,9 +172,10 @@ def eval_cmd(
     ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Text file for perplexity (e.g. wiki.test.raw).")] = None,
     seq_len: Annotated[int, typer.Option(help="Perplexity window length.")] = 1024,
     max_windows: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows.")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated zero-shot tasks, e.g. arc_easy,piqa,hellaswag.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="Comma-separated zero-shot tasks, scored by lm-eval: moefy's offline copies (arc_easy, arc_challenge, piqa, hellaswag, winogrande, openbookqa, boolq, sciq, social_iqa), tasks in --task-dir, or any lm-eval task whose data are reachable.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="First N items of each task.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Folder with commonsense/ and hellaswag/ data.")] = None,
+    task_dir: Annotated[Optional[list[Path]], typer.Option("--task-dir", help="Folder of extra lm-eval task YAMLs (e.g. over local parquet files); repeatable.")] = None,
     batch_size: Annotated[int, typer.Option(help="Zero-shot batch size.")] = 16,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here.")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Weights while evaluating: fp32 | bf16 | fp16 | auto (the checkpoint's own).")] = "fp32",
@@ -187,7 +188,7 @@ def eval_cmd(
     if ppl is not None and not ppl.is_file():
         raise CalibrationDataError(f"evaluation text not found: {ppl}")
     results = [
-        _eval_one(m, ppl, seq_len, max_windows, tasks, limit, data_root, batch_size, dtype) for m in models
+        _eval_one(m, ppl, seq_len, max_windows, tasks, limit, data_root, batch_size, dtype, task_dir or []) for m in models
     ]
     table = Table(title="moefy eval")
     table.add_column("metric")
@@ -200,10 +201,12 @@ def eval_cmd(
                 "active experts / token / layer (measured)",
                 *[f"{r['mean_active_experts']:.3f}" if "mean_active_experts" in r else "-" for r in results],
             )
+    from .compare import acc_cell
+
     for name in results[0].get("tasks", {}):
         table.add_row(
             f"{name} acc / acc_norm (n={results[0]['tasks'][name]['n']})",
-            *[f"{r['tasks'][name]['acc']:.4f} / {r['tasks'][name]['acc_norm']:.4f}" for r in results],
+            *[acc_cell(r["tasks"][name], 4) for r in results],
         )
     console.print(table)
     payload: Any = results[0] if len(results) == 1 else {"models": results}
@@ -417,6 +420,7 @@ def _eval_one(
     data_root: Path | None,
     batch_size: int,
     dtype: str = "fp32",
+    task_dirs: list[Path] | None = None,
 ) -> dict[str, Any]:
     from .evaluate import load_eval_ids, perplexity
     from .memory import DTYPES, check_whole_model
@@ -442,11 +446,13 @@ def _eval_one(
             result.update(r)
             result["ppl_file"] = str(ppl)
     if tasks:
-        from .zeroshot import evaluate_tasks
+        from .zeroshot import evaluate_tasks, lm_eval_version
 
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         try:
-            result["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, names, data_root=data_root, limit=limit, batch_size=batch_size)
+            result["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, names, data_root=data_root, limit=limit,
+                                             batch_size=batch_size, task_dirs=task_dirs or [])
+            result["tasks_scored_by"] = f"lm-eval {lm_eval_version()}"
         except ValueError as exc:
             raise ConfigError(str(exc).splitlines()[0]) from None
     return result

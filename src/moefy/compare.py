@@ -67,9 +67,10 @@ def evaluate_model(model: str, ppl_file: str | None, seq_len: int, max_windows: 
     if ppl_file:
         res.update(perplexity(loaded.model, load_eval_ids(loaded.tokenizer, ppl_file), seq_len=seq_len, max_windows=max_windows))
     if tasks:
-        from .zeroshot import evaluate_tasks
+        from .zeroshot import evaluate_tasks, lm_eval_version
 
         res["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, data_root=data_root, limit=limit)
+        res["tasks_scored_by"] = f"lm-eval {lm_eval_version()}"
     return res
 
 
@@ -179,6 +180,11 @@ def report_only(out: Path, command: str = "", meta: dict[str, Any] | None = None
     return write_report(out, results)
 
 
+def acc_cell(r: dict[str, Any], digits: int = 3) -> str:
+    """``acc / acc_norm`` of one task result (``-`` for a metric the task does not report)."""
+    return " / ".join(f"{r[k]:.{digits}f}" if isinstance(r.get(k), (int, float)) else "-" for k in ("acc", "acc_norm"))
+
+
 def markdown_report(results: dict[str, Any]) -> str:
     tasks = results.get("tasks") or []
     head = ["model", "active FFN", "PPL", "mean layer err", "convert s"] + [f"{t} acc/acc_norm" for t in tasks]
@@ -193,7 +199,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         cells = [name, active, f"{ev['ppl']:.2f}" if "ppl" in ev else "-", err, f"{secs:.0f}" if secs else "-"]
         for t in tasks:
             r = ev.get("tasks", {}).get(t)
-            cells.append(f"{r['acc']:.3f} / {r['acc_norm']:.3f} (n={r['n']})" if r else "-")
+            cells.append(f"{acc_cell(r)} (n={r['n']})" if r else "-")
         return "| " + " | ".join(cells) + " |"
 
     lines.append(row("dense", "1.000", results["dense"], "-"))
