@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOCAL_TASKS", "default_data_root", "task_path", "load_docs", "write_task_config"]
+__all__ = ["LOCAL_TASKS", "default_data_root", "existing_task_path", "task_path", "load_docs", "write_task_config"]
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATA_ROOT_ENV = "MOEFY_DATA_ROOT"
@@ -270,11 +270,17 @@ def task_path(name: str, data_root: str | os.PathLike | None = None) -> Path:
     return root / LOCAL_TASKS[name].relpath
 
 
-def load_docs(name: str, data_root: str | os.PathLike | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """lm-eval documents of local task ``name`` in file order (the first ``limit``)."""
+def existing_task_path(name: str, data_root: str | os.PathLike | None = None) -> Path:
+    """:func:`task_path`, refused in one line when the file is not there."""
     path = task_path(name, data_root)
     if not path.is_file():
         raise ValueError(f"data file for task {name!r} not found: {path}")
+    return path
+
+
+def load_docs(name: str, data_root: str | os.PathLike | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """lm-eval documents of local task ``name`` in file order (the first ``limit``)."""
+    path = existing_task_path(name, data_root)
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     return LOCAL_TASKS[name].docs(path, limit)

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .task_data import LOCAL_TASKS, default_data_root, task_path, write_task_config
+from .task_data import LOCAL_TASKS, default_data_root, existing_task_path, write_task_config
 
 __all__ = ["LOCAL_TASKS", "default_data_root", "evaluate_tasks", "lm_eval_version"]
 
@@ -120,9 +120,7 @@ def evaluate_tasks(
         raise ValueError(f"limit must be >= 0, got {limit}")
     local = [n for n in names if n in LOCAL_TASKS]
     for name in local:
-        path = task_path(name, data_root)
-        if not path.is_file():
-            raise ValueError(f"data file for task {name!r} not found: {path}")
+        existing_task_path(name, data_root)
     dirs = [str(Path(d)) for d in task_dirs]
     for d in dirs:
         if not Path(d).is_dir():
