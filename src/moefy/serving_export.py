@@ -372,7 +372,9 @@ def to_qwen2_moe(model: MoefyForCausalLM, align: int = HF_ALIGN) -> nn.Module:
 
     Shared neurons become the shared expert with a zero ``shared_expert_gate`` (sigmoid = 0.5)
     and a doubled down-projection; a model without shared neurons gets a one-neuron all-zero
-    shared expert (it adds exactly 0)."""
+    shared expert (it adds exactly 0). q/k/v biases are always written (zeros for a source without
+    them, e.g. LLaMA): vLLM's Qwen2-MoE has them whatever ``qkv_bias`` says, and leaves missing ones
+    uninitialised (benchmarks/vllm_check.py)."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     _refuse(qwen2_moe_refusal(model))
@@ -382,7 +384,6 @@ def to_qwen2_moe(model: MoefyForCausalLM, align: int = HF_ALIGN) -> nn.Module:
     m0 = mlps[0]
     n_shared = max(m.n_shared for m in mlps)
     width = expert_width(mlps, align)
-    qkv_bias = cfg.model_type == "qwen2"
     config = Qwen2MoeConfig(
         **_common_config(cfg),
         hidden_act="silu",
@@ -394,10 +395,14 @@ def to_qwen2_moe(model: MoefyForCausalLM, align: int = HF_ALIGN) -> nn.Module:
         norm_topk_prob=m0.gating != "softmax",
         decoder_sparse_step=1,
         mlp_only_layers=[i for i, m in enumerate(layers) if m is None],
-        qkv_bias=qkv_bias,
+        qkv_bias=True,
         use_sliding_window=False,
     )
     state = _non_mlp_state(model)
+    for i in range(cfg.num_hidden_layers):
+        for n in ("q_proj", "k_proj", "v_proj"):
+            w = state[f"model.layers.{i}.self_attn.{n}.weight"]
+            state.setdefault(f"model.layers.{i}.self_attn.{n}.bias", torch.zeros(w.shape[0], dtype=w.dtype))
     base_layers = base_model(model).model.layers
     dtype = m0.gate_proj.weight.dtype
     for i, mlp in enumerate(layers):
