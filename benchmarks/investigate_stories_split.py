@@ -48,7 +48,9 @@ def main() -> None:
     if not (model.is_dir() and calib.is_file() and five.is_file()):
         raise SystemExit(f"needs {model}, {calib} and {five} (../shared beside the project)")
     args.out.mkdir(parents=True, exist_ok=True)
-    tail = args.out / "validation_tail.txt"
+    import tempfile
+
+    tail = Path(tempfile.mkdtemp()) / "validation_tail.txt"  # a slice of shared data: never kept in the project
     data = calib.read_bytes()
     tail.write_bytes(data[len(data) - 300_000 :])
     tok = load(str(model)).tokenizer
@@ -57,7 +59,7 @@ def main() -> None:
     rows: dict[str, dict[str, object]] = {"dense": {k: perplexity(dense, v, seq_len=256)["ppl"] for k, v in sets.items()}}
     for name, kw in VARIANTS.items():
         cfg = ConvertConfig(**{"n_experts": 4, "top_k": 1, "calib_tokens": args.calib_tokens, "seq_len": 256, **kw})  # type: ignore[arg-type]
-        d = args.out / "ckpt" / name.split(" ")[0] / (str(kw.get("init", "")) or "default")
+        d = tail.parent / "ckpt" / name.split(" ")[0] / (str(kw.get("init", "")) or "default")
         t0 = time.time()
         run_convert(str(model), d, cfg, [str(calib)], overwrite=True, log=lambda _m: None)
         m = AutoModelForCausalLM.from_pretrained(d).eval()
