@@ -139,9 +139,7 @@ def part_scale(a: argparse.Namespace) -> dict[str, Any]:
         for name, flags in chosen.items():
             if name.startswith("whole model, fp32") and n > a.fp32_max_layers:
                 continue
-            out = work / f"out-{n}l-{name.split(',')[0].replace(' ', '-')}-{flags[-1]}"
-            if name == BEFORE:
-                out = work / f"out-{n}l-before"
+            out = work / (f"out-{n}l-before" if name == BEFORE else f"out-{n}l-{name.split(',')[0].replace(' ', '-')}-{flags[-1]}")
             print(f"converting {n} layers: {name}", file=sys.stderr, flush=True)
             run_env = dict(env, PYTHONPATH=str(Path(a.before) / "src")) if name == BEFORE else env
             m = measured(convert_cmd(model, out, a, *flags, before=name == BEFORE), run_env, work / f"{out.name}.log")

@@ -180,6 +180,19 @@ def test_sharded_output_reloads(tmp_path):
     assert res.returncode == 0 and "MoefyForCausalLM" in res.stdout, res.stderr[-2000:]
 
 
+@needs_shared()
+def test_some_layers_onloaded_equals_whole(tmp_path):
+    """--layers 1,3 layer by layer: the dense layers (below, between and above) are copied from the
+    checkpoint into the shards in the conversion dtype, exactly as the whole-model path saves them."""
+    calib = [str(TINYSTORIES)]
+    cfg = _cfg(layers=[1, 3], dtype="bf16", steps=2)
+    run_convert(str(STORIES), tmp_path / "a", cfg, calib, log=QUIET, onload=True, max_shard_size="150KB")
+    run_convert(str(STORIES), tmp_path / "b", cfg, calib, log=QUIET, onload=False)
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    ca, cb = (json.loads((tmp_path / n / "config.json").read_text()) for n in "ab")
+    assert ca == cb and [e is not None for e in ca["moe_layers"]] == [False, True, False, True, False]
+
+
 def _cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "moefy.cli", "convert", str(STORIES), "--out", str(out), "--calib", str(TINYSTORIES),
             "--calib-tokens", "2048", "--seq-len", "64", "--steps", "6", "--seed", "2", "--dtype", "bf16", *extra]

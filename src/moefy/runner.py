@@ -1,9 +1,12 @@
 """One conversion job end to end, resumable: load -> calibrate -> layer-wise -> e2e -> export.
 
-Progress lives in a work directory beside the output (``.<out>.moefy-work``): the calibration
-tokens and every finished layer (safetensors), written atomically as each layer completes.
-Rerunning the same command after a crash, a kill or Ctrl-C restores the finished layers and
-continues; the work directory is removed once the checkpoint is in place.
+The dense model is read layer by layer from its safetensors files whenever that can be done (a
+local directory, ``--calib`` text, ``--stage layerwise``; :mod:`moefy.onload`), else loaded whole;
+the two give bit-identical checkpoints.  Progress lives in a work directory beside the output
+(``.<out>.moefy-work``): the calibration tokens and every finished layer (safetensors), written
+atomically as each layer completes, and the spilled activations when they do not fit the memory
+budget.  Rerunning the same command after a crash, a kill or Ctrl-C restores the finished layers
+and continues; the work directory is removed once the checkpoint is in place.
 """
 
 from __future__ import annotations
