@@ -14,6 +14,9 @@ STORIES = SHARED / "models" / "stories260K" / "hf"
 TINYSTORIES = SHARED / "data" / "tinystories" / "validation_head.txt"
 SAMPLE5 = SHARED / "data" / "tinystories" / "sample_5_stories.txt"
 
+# tests never write moefy's de-quantised-GGUF cache under ~/.cache (tests of the cache set it)
+os.environ.setdefault("MOEFY_GGUF_CACHE", "0")
+
 # 2 threads (CI has 2 cores) unless OMP_NUM_THREADS says otherwise (e.g. 1 beside a benchmark)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or min(2, os.cpu_count() or 1))
 

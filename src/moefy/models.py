@@ -216,6 +216,80 @@ def load_tokenizer(src: Source) -> object:
     return AutoTokenizer.from_pretrained(str(src.path) if src.path is not None else src.spec, trust_remote_code=False)
 
 
+def gguf_cache_root() -> Path | None:
+    """Where de-quantised GGUF models are cached (``$MOEFY_GGUF_CACHE``; ``0`` or empty: off;
+    default ``~/.cache/moefy/gguf``)."""
+    value = os.environ.get("MOEFY_GGUF_CACHE")
+    if value is not None and value.strip() in ("", "0"):
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "moefy" / "gguf"
+
+
+def _gguf_cache_dir(path: Path, dtype: torch.dtype) -> Path | None:
+    """The cache entry of ``path`` de-quantised to ``dtype``: keyed by the file's resolved path,
+    size and mtime, so an edited or replaced file is de-quantised again."""
+    root = gguf_cache_root()
+    if root is None:
+        return None
+    import hashlib
+
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{str(dtype).removeprefix('torch.')}"
+    return root / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, object]:
+    """A GGUF model and its tokenizer, de-quantised by transformers, or read back from the cache.
+
+    transformers de-quantises a GGUF file in Python, tensor by tensor (measured: 30-55 s for the
+    135M SmolLM2 on this CPU, against about 1 s for the same weights from safetensors), and every
+    ``moefy`` command that takes the model loads it again.  So the first load writes the
+    de-quantised weights (exactly the tensors transformers produced, in ``dtype``) and the
+    tokenizer as a safetensors directory, atomically; later loads read that.  Off with
+    ``MOEFY_GGUF_CACHE=0``; a cache that cannot be written is skipped silently (the load itself
+    succeeded)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = _gguf_cache_dir(path, dtype)
+    if cache is not None and (cache / "config.json").is_file() and (cache / "model.safetensors").is_file():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=False)
+            return model, AutoTokenizer.from_pretrained(str(cache), trust_remote_code=False)
+        except Exception:  # noqa: BLE001 - any unreadable entry (e.g. SafetensorError)
+            pass  # a damaged entry: de-quantise again (and rewrite it below)
+    kw = {"gguf_file": path.name}
+    with _quiet_gguf_bar():
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kw)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    if cache is not None:
+        import shutil
+        import tempfile
+
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+            try:
+                # transformers refuses save_pretrained on a GGUF-loaded model (it counts as
+                # quantised): the config without its quantisation record, and the de-quantised
+                # tensors through safetensors (save_model drops the tied duplicates)
+                from safetensors.torch import save_model
+
+                config = model.config.to_dict()
+                config.pop("quantization_config", None)
+                (tmp / "config.json").write_text(json.dumps(config, indent=2))
+                save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                tok.save_pretrained(str(tmp))
+                if cache.exists():
+                    shutil.rmtree(cache, ignore_errors=True)
+                os.replace(tmp, cache)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except Exception:  # noqa: BLE001 - the cache is an optimisation: never fail the load for it
+            pass
+    return model, tok
+
+
 def load(spec: str | Source, dtype: torch.dtype | None = torch.float32) -> Loaded:
     """Load ``spec`` (alias, ``.gguf`` file, local directory or hub id) with its tokenizer, its
     weights in ``dtype`` (None: the checkpoint's own, :func:`checkpoint_dtype`)."""
@@ -230,10 +304,7 @@ def load(spec: str | Source, dtype: torch.dtype | None = torch.float32) -> Loade
     try:
         if src.kind == "gguf":
             assert src.path is not None
-            kw = {"gguf_file": src.path.name}
-            with _quiet_gguf_bar():
-                model = AutoModelForCausalLM.from_pretrained(str(src.path.parent), dtype=dtype, **kw)
-                tok = AutoTokenizer.from_pretrained(str(src.path.parent), **kw)
+            model, tok = _load_gguf(src.path, dtype)
         elif src.kind == "dir":
             model = AutoModelForCausalLM.from_pretrained(
                 str(src.path), dtype=dtype, use_safetensors=True, trust_remote_code=False
