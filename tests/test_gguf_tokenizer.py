@@ -327,10 +327,12 @@ def _llama_python() -> str | None:
 
 @pytest.mark.skipif(_llama_python() is None, reason="llama_cpp is not importable (pip install llama-cpp-python, "
                     "or point MOEFY_LLAMA_CPP_PYTHON at a Python that has it)")
-@pytest.mark.parametrize("model", ["smollm2", "stories260k"])
+@pytest.mark.parametrize("model", ["smollm2", "stories260k", "smollm2-shared"])
 def test_llamacpp_tokenizes_and_predicts_like_hf(model, tmp_path):
     """benchmarks/llamacpp_check.py: llama.cpp's tokens equal the HF tokenizer's on a paragraph of
-    WikiText-2 (SmolLM2) / TinyStories (stories260K), and its next-token logits the moefy model's."""
+    WikiText-2 (SmolLM2) / TinyStories (stories260K), and its next-token logits the moefy model's:
+    ``llama`` GGUFs (``--format gguf``) and, for ``smollm2-shared``, the best SmolLM2 layout with
+    288 shared neurons and softmax gating as llama.cpp's ``qwen2moe`` (``--format gguf-qwen2moe``)."""
     if not (WIKITEXT.exists() and SAMPLE5.exists() and STORIES.exists()):
         pytest.skip("../shared data not present")
     proc = subprocess.run(
@@ -343,3 +345,4 @@ def test_llamacpp_tokenizes_and_predicts_like_hf(model, tmp_path):
     assert row["tokens_equal"], row
     assert row["argmax_equal"], row
     assert row["max_abs_diff"] <= 1e-3 * max(1.0, row["max_abs_logit"]), row
+    assert row["ok"], row

@@ -11,14 +11,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from conftest import STORIES, needs_shared
 from moefy.cli import main
 from moefy.errors import ExportRefusedError, OutputExistsError, UnsupportedModelError
 from moefy.export import save_checkpoint
 from moefy.serving_export import (
+    GGUF_SHEXP_GATE,
     export_model,
+    gguf_qwen2moe_refusal,
     gguf_refusal,
     mixtral_refusal,
     qwen2_moe_refusal,
@@ -299,6 +301,7 @@ def test_gguf_f16(tmp_path):
     [
         (dict(gating="mask"), "mask gating"),
         (dict(n_shared=8, gating="softmax-renorm"), "shared"),
+        (dict(n_shared=8, gating="softmax"), "use --format gguf-qwen2moe"),
         (dict(family="mistral", gating="softmax-renorm"), "sliding-window"),
     ],
 )
@@ -308,6 +311,153 @@ def test_gguf_refusals_leave_no_file(kwargs, needle, tmp_path):
     with pytest.raises(ExportRefusedError):
         write_gguf(moe, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------- gguf qwen2moe
+def qwen2moe_from_gguf(path: Path) -> Qwen2MoeForCausalLM:
+    """Rebuild, from the GGUF tensors alone, the model llama.cpp's qwen2moe graph computes: softmax
+    over all experts, top-k, weights not renormalised (norm_topk_prob false), the shared expert
+    gated by sigmoid(ffn_gate_inp_shexp . x); RoPE NEOX (HF's q/k row order); missing q/k/v biases
+    are zero (llama.cpp adds none)."""
+    r = gguf.GGUFReader(str(path))
+    t = {x.name: torch.from_numpy(np.array(x.data)).float() for x in r.tensors}
+    f = lambda key: gguf_field(r, f"qwen2moe.{key}")  # noqa: E731
+    n_layers, hidden = f("block_count"), f("embedding_length")
+    cfg = Qwen2MoeConfig(
+        vocab_size=t["token_embd.weight"].shape[0], hidden_size=hidden, intermediate_size=f("feed_forward_length"),
+        num_hidden_layers=n_layers, num_attention_heads=f("attention.head_count"),
+        num_key_value_heads=f("attention.head_count_kv"), rms_norm_eps=f("attention.layer_norm_rms_epsilon"),
+        rope_parameters={"rope_type": "default", "rope_theta": f("rope.freq_base")},
+        max_position_embeddings=f("context_length"), tie_word_embeddings=False,
+        num_experts=f("expert_count"), num_experts_per_tok=f("expert_used_count"), norm_topk_prob=False,
+        moe_intermediate_size=f("expert_feed_forward_length"),
+        shared_expert_intermediate_size=f("expert_shared_feed_forward_length"),
+        decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, use_sliding_window=False,
+    )
+    sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"],
+          "lm_head.weight": t["output.weight"]}
+    for i in range(n_layers):
+        b, p = f"blk.{i}.", f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = t[b + "attn_norm.weight"]
+        for ours, theirs in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")):
+            w = t[b + theirs + ".weight"]
+            sd[p + f"self_attn.{ours}.weight"] = w
+            sd[p + f"self_attn.{ours}.bias"] = t.get(b + theirs + ".bias", torch.zeros(w.shape[0]))
+        sd[p + "self_attn.o_proj.weight"] = t[b + "attn_output.weight"]
+        sd[p + "post_attention_layernorm.weight"] = t[b + "ffn_norm.weight"]
+        sd[p + "mlp.gate.weight"] = t[b + "ffn_gate_inp.weight"]
+        sd[p + "mlp.experts.gate_up_proj"] = torch.cat([t[b + "ffn_gate_exps.weight"], t[b + "ffn_up_exps.weight"]], 1)
+        sd[p + "mlp.experts.down_proj"] = t[b + "ffn_down_exps.weight"]
+        sd[p + "mlp.shared_expert.gate_proj.weight"] = t[b + "ffn_gate_shexp.weight"]
+        sd[p + "mlp.shared_expert.up_proj.weight"] = t[b + "ffn_up_shexp.weight"]
+        sd[p + "mlp.shared_expert.down_proj.weight"] = t[b + "ffn_down_shexp.weight"]
+        sd[p + "mlp.shared_expert_gate.weight"] = t[b + "ffn_gate_inp_shexp.weight"].reshape(1, hidden)
+    model = Qwen2MoeForCausalLM(cfg)
+    model.load_state_dict(sd, strict=True)
+    model.set_experts_implementation("eager")
+    return model.eval()
+
+
+def llamacpp_shexp_gates(model: Qwen2MoeForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """The shared-expert gate as llama.cpp computes it, silu(z) / z, at every layer and token."""
+    zs: list[torch.Tensor] = []
+    hooks = [layer.mlp.shared_expert_gate.register_forward_hook(lambda m, i, o: zs.append(o.detach()))
+             for layer in model.model.layers]
+    logits(model, ids)
+    for h in hooks:
+        h.remove()
+    z = torch.cat([x.flatten() for x in zs])
+    return torch.nn.functional.silu(z) / z
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(n_shared=8, gating="softmax"),  # moefy's recommended layout: shared neurons + routed experts
+        dict(n_shared=0, gating="softmax"),  # a one-neuron all-zero shared expert
+        dict(n_experts=5, n_shared=8, gating="softmax"),  # unequal experts, zero-padded
+        dict(n_experts=5, n_shared=8, top_k=1, gating="softmax"),
+        dict(family="qwen2", n_shared=8, gating="softmax"),  # q/k/v biases travel
+    ],
+)
+def test_gguf_qwen2moe_rebuilds_with_equal_logits(kwargs, tmp_path):
+    moe = tiny_moefy(**kwargs)
+    assert gguf_qwen2moe_refusal(moe) is None
+    path = export_model(moe, "gguf-qwen2moe", tmp_path / "q.gguf")
+    r = gguf.GGUFReader(str(path))
+    assert gguf_field(r, "general.architecture") == "qwen2moe"
+    n_experts = kwargs.get("n_experts", 4)
+    assert gguf_field(r, "qwen2moe.expert_count") == n_experts
+    assert gguf_field(r, "qwen2moe.expert_used_count") == kwargs.get("top_k", 2)
+    assert gguf_field(r, "qwen2moe.expert_feed_forward_length") == -(-(72 - kwargs["n_shared"]) // n_experts)
+    assert gguf_field(r, "qwen2moe.expert_shared_feed_forward_length") == max(1, kwargs["n_shared"])
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    assert ("blk.0.attn_q.bias" in t) == (kwargs.get("family") == "qwen2")
+    mlp = moe.model.model.layers[1].mlp
+    ns = mlp.n_shared
+    if ns:
+        np.testing.assert_array_equal(t["blk.1.ffn_gate_shexp.weight"][:ns], mlp.gate_proj.weight[:ns].detach().numpy())
+        np.testing.assert_array_equal(t["blk.1.ffn_down_shexp.weight"][:, :ns], 2 * mlp.down_proj.weight[:, :ns].detach().numpy())
+    np.testing.assert_array_equal(t["blk.1.attn_q.weight"], moe.model.model.layers[1].self_attn.q_proj.weight.detach().numpy())
+    assert (t["blk.1.ffn_gate_inp_shexp.weight"] == GGUF_SHEXP_GATE).all()  # not 0: llama.cpp's silu(0)/0 is NaN
+    rebuilt = qwen2moe_from_gguf(path)
+    assert_same_logits(logits(rebuilt), logits(moe))
+    assert (llamacpp_shexp_gates(rebuilt, IDS) == 0.5).all()  # llama.cpp's sigmoid, exactly
+
+
+def test_gguf_qwen2moe_via_cli_and_f16(tmp_path, capsys):
+    src = save(tiny_moefy(n_shared=8, gating="softmax"), tmp_path / "moe")
+    out = tmp_path / "q.gguf"
+    code, err = run_cli(["export", str(src), "-f", "gguf-qwen2moe", "-o", str(out), "--dtype", "f16"], capsys)
+    assert code == 0, err
+    r = gguf.GGUFReader(str(out))
+    types = {x.name: x.tensor_type for x in r.tensors}
+    assert types["blk.0.ffn_up_exps.weight"] == types["blk.0.ffn_down_shexp.weight"] == gguf.GGMLQuantizationType.F16
+    for name in ("ffn_gate_inp", "ffn_gate_inp_shexp", "attn_norm"):  # 2^-64 would be 0 in f16
+        assert types[f"blk.0.{name}.weight"] == gguf.GGMLQuantizationType.F32
+    ref = logits(AutoModelForCausalLM.from_pretrained(src).eval())
+    assert (logits(qwen2moe_from_gguf(out)) - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_gguf_align_pads_experts_for_llamacpp_quantization(tmp_path, capsys):
+    """--gguf-align 32: expert and shared widths a multiple of 32 (llama.cpp's Q8_0/Q5_0/Q4_0 block
+    along a row), padded with zero neurons, same function; refused for non-GGUF formats."""
+    src = save(tiny_moefy(n_experts=5, n_shared=8, gating="softmax"), tmp_path / "moe")  # experts of 13 and 12
+    out = tmp_path / "q.gguf"
+    code, err = run_cli(["export", str(src), "-f", "gguf-qwen2moe", "-o", str(out), "--gguf-align", "32"], capsys)
+    assert code == 0, err
+    r = gguf.GGUFReader(str(out))
+    assert gguf_field(r, "qwen2moe.expert_feed_forward_length") == gguf_field(r, "qwen2moe.expert_shared_feed_forward_length") == 32
+    t = {x.name: np.array(x.data) for x in r.tensors}
+    assert t["blk.0.ffn_down_exps.weight"].shape == (5, 32, 32) and t["blk.0.ffn_down_shexp.weight"].shape == (32, 32)
+    assert_same_logits(logits(qwen2moe_from_gguf(out)), logits(AutoModelForCausalLM.from_pretrained(src).eval()))
+    code, err = run_cli(["export", str(src), "-f", "gguf", "-o", str(tmp_path / "l.gguf"), "--gguf-align", "32"], capsys)
+    assert code == ExportRefusedError.exit_code  # softmax gating + shared neurons: not the llama architecture
+    code, err = run_cli(["export", str(src), "-f", "qwen2-moe", "-o", str(tmp_path / "hf"), "--gguf-align", "32"], capsys)
+    assert code == 14 and "--gguf-align applies to the GGUF formats" in err
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(n_shared=8, gating="mask"), "mask gating"),
+        (dict(n_shared=8, top_k=1, gating="mask"), "mask gating"),
+        (dict(n_shared=8, gating="softmax-renorm"), "softmax-renorm gating"),
+        (dict(n_shared=8, gating="softmax", layers=(0,)), "every layer converted"),
+        (dict(family="mistral", gating="softmax"), "sliding-window"),
+        (dict(family="phi3", gating="softmax"), "'phi3'"),
+    ],
+)
+def test_gguf_qwen2moe_refusals_are_one_line_exit_15_and_write_nothing(kwargs, needle, tmp_path, capsys):
+    moe = tiny_moefy(**kwargs)
+    reason = gguf_qwen2moe_refusal(moe)
+    assert reason is not None and needle in reason and "\n" not in reason
+    src = save(moe, tmp_path / "moe")
+    code, err = run_cli(["export", str(src), "-f", "gguf-qwen2moe", "-o", str(tmp_path / "q.gguf")], capsys)
+    assert code == ExportRefusedError.exit_code == 15
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err and needle in errors[0], err
+    no_leftovers(tmp_path, "q.gguf")
 
 
 # ---------------------------------------------------------------------- atomicity

@@ -220,9 +220,10 @@ def eval_cmd(
 @app.command("export")
 def export_cmd(
     model: Annotated[Path, typer.Argument(help="A moefy checkpoint directory (the output of moefy convert).")],
-    fmt: Annotated[str, typer.Option("--format", "-f", help="hf | mixtral | qwen2-moe | gguf")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (hf, mixtral, qwen2-moe) or .gguf file.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="hf | mixtral | qwen2-moe | gguf (llama.cpp llama arch) | gguf-qwen2moe (llama.cpp qwen2moe arch: shared neurons)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (hf, mixtral, qwen2-moe) or .gguf file (gguf, gguf-qwen2moe).")],
     dtype: Annotated[str, typer.Option("--dtype", help="GGUF tensor type: f32 | f16 (HF formats keep the checkpoint's dtype).")] = "f32",
+    gguf_align: Annotated[int, typer.Option("--gguf-align", help="GGUF formats: pad experts to a multiple of N neurons (zero neurons, exact); 32 lets llama.cpp's Q8_0/Q5_0/Q4_0 quantize every expert tensor.")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out.")] = False,
 ) -> None:
     """Export MODEL for serving: stock Mixtral / Qwen2-MoE checkpoints, a llama.cpp GGUF, or a copy.
@@ -231,7 +232,7 @@ def export_cmd(
     from .serving_export import export_checkpoint
 
     _log(f"exporting {model} as {fmt}")
-    path = export_checkpoint(model, fmt, out, overwrite=overwrite, dtype=dtype)
+    path = export_checkpoint(model, fmt, out, overwrite=overwrite, dtype=dtype, gguf_align=gguf_align)
     console.print(f"exported {fmt} -> {path}")
 
 

@@ -9,7 +9,13 @@
 ``gguf``       a llama.cpp GGUF file: ``llama`` architecture with 3-D expert tensors
                (``ffn_{gate,up,down}_exps``) and a router (``ffn_gate_inp``), as llama.cpp
                stores Mixtral
+``gguf-        a llama.cpp GGUF file: ``qwen2moe`` architecture, the routed experts as above
+qwen2moe``     plus a shared expert (``ffn_{gate,up,down}_shexp``, ``ffn_gate_inp_shexp``):
+               moefy's shared neurons
 =============  ==============================================================================
+
+One writer per output architecture; nothing switches architecture behind the user's back: a
+format that cannot represent the model refuses and names the one that can.
 
 Only exports that compute exactly the moefy model's function are written.  Anything a
 target cannot represent raises :class:`ExportRefusedError` naming why (see ``*_refusal``).
@@ -29,6 +35,11 @@ Representability, in short (details in each ``*_refusal`` function):
   router takes ``softmax`` over all experts then top-k, renormalised if ``norm_topk_prob``:
   moefy ``softmax`` (``norm_topk_prob=false``), ``softmax-renorm`` (``true``) and ``mask`` with
   ``top_k == 1`` (``true``) are exact.  Unconverted layers become ``mlp_only_layers``.
+* llama.cpp's ``qwen2moe`` (``--format gguf-qwen2moe``) has every layer MoE and weights the top-k by
+  the softmax over all experts, never renormalised: moefy ``softmax`` gating only.  Its shared
+  expert gate is ``sigmoid(w . x)`` computed as ``silu(z) / z``, so the gate weight is a tiny power
+  of two instead of zero (0/0 would be NaN; see :data:`GGUF_SHEXP_GATE`); the shared down-projection
+  is doubled as for Qwen2-MoE.  RoPE is NEOX there: q/k keep HF's row order.
 * A GGUF carries the tokenizer as llama.cpp's ``convert_hf_to_gguf.py`` writes it: SentencePiece
   BPE vocabularies as ``llama`` (real scores and token types), byte-level BPE as ``gpt2`` (types,
   merges and the ``tokenizer.ggml.pre`` llama.cpp knows the pre-tokenizer by), and only when
@@ -56,7 +67,7 @@ from .errors import ConfigError, ExportRefusedError, ModelNotFoundError, Unsuppo
 from .export import atomic_write_dir, prepare_output
 from .hf.modeling_moefy import MoefyForCausalLM, MoefyMLP
 
-FORMATS = ("hf", "mixtral", "qwen2-moe", "gguf")
+FORMATS = ("hf", "mixtral", "qwen2-moe", "gguf", "gguf-qwen2moe")
 GGUF_DTYPES = ("f32", "f16")
 GATINGS = ("mask", "softmax", "softmax-renorm", "lapsum")
 # Stock HF experts are 3-D tensors run by torch's grouped_mm, which needs 16-byte aligned
@@ -147,37 +158,47 @@ def expert_width(mlps: list[MoefyMLP], align: int = 1) -> int:
     return -(-width // align) * align
 
 
+def shared_width(mlps: list[MoefyMLP], align: int = 1) -> int:
+    """Neurons of an exported shared expert: the most shared neurons of any layer (at least one:
+    a model without them gets an all-zero one), rounded up to a multiple of ``align``."""
+    width = max(1, max(m.n_shared for m in mlps))
+    return -(-width // align) * align
+
+
 def padded_neurons(mlps: list[MoefyMLP], align: int = 1) -> int:
     """All-zero neurons an export adds to equalise (and align) expert sizes."""
     width = expert_width(mlps, align)
     return sum(width * m.n_experts - sum(m.expert_sizes) for m in mlps)
 
 
-def _routing_refusal(fmt: str, mlps: list[MoefyMLP], renorm_only: bool) -> str | None:
+def _routing_refusal(fmt: str, mlps: list[MoefyMLP], exact: tuple[str, ...], mask_top1: bool, engine: str) -> str | None:
+    """Why ``fmt`` cannot weight the chosen experts as these layers do, or None.  ``exact``: the
+    gatings ``engine`` reproduces at any top-k; ``mask_top1``: whether it reproduces mask gating at
+    ``top_k == 1`` (a renormalised weight over one expert is exactly 1)."""
     m = mlps[0]
     if m.router_type != "topk":
         return f"{fmt} export needs hard top-k routing; this model uses the {m.router_type!r} router (a variable number of experts per token)"
     if float(m.top_k) != int(m.top_k):
         return f"{fmt} export needs an integer top-k, got {m.top_k}"
     k, gating = int(m.top_k), m.gating
-    if gating == "softmax-renorm" or (gating == "mask" and k == 1):
+    if gating in exact or (gating == "mask" and k == 1 and mask_top1):
         return None
-    if gating == "softmax" and not renorm_only:
-        return None
+    alternatives = " or ".join(f"--gating {g}" for g in exact)
+    needs = alternatives + (" (or mask gating with top_k=1)" if mask_top1 else "")
     if gating == "mask":
         return (
-            f"{fmt} export needs top_k=1 or --gating softmax-renorm"
-            + ("" if renorm_only else " or --gating softmax")
-            + f"; this model weights each of its {k} chosen experts 1.0 (mask gating), which "
-            + ("Mixtral" if fmt == "mixtral" else "llama.cpp" if fmt == "gguf" else "Qwen2-MoE")
-            + " cannot represent"
+            f"{fmt} export needs {'top_k=1 or ' if mask_top1 else ''}{alternatives}; this model weights each of its {k} chosen experts 1.0 (mask gating), which "
+            f"{engine} cannot represent"
         )
     if gating == "softmax":
         return (
-            f"{fmt} export needs --gating softmax-renorm (or top_k=1 with mask gating); this model weights chosen "
-            "experts by their un-renormalised router probability (softmax gating), which "
-            + ("Mixtral" if fmt == "mixtral" else "llama.cpp's llama architecture")
-            + " cannot represent (qwen2-moe can)"
+            f"{fmt} export needs {needs}; this model weights chosen experts by their un-renormalised router "
+            f"probability (softmax gating), which {engine} cannot represent (--format qwen2-moe and gguf-qwen2moe can)"
+        )
+    if gating == "softmax-renorm":
+        return (
+            f"{fmt} export needs {needs}; this model renormalises its chosen experts' router probabilities "
+            f"(softmax-renorm gating), which {engine} cannot represent (--format mixtral, qwen2-moe and gguf can)"
         )
     return f"{fmt} export cannot represent gating {gating!r}"
 
@@ -213,14 +234,16 @@ def mixtral_refusal(model: MoefyForCausalLM, fmt: str = "mixtral") -> str | None
     if shared:
         return (
             f"{fmt} export cannot represent shared (always-active) neurons ({shared} per layer); "
-            "use --format qwen2-moe, or convert with --shared 0"
+            + ("use --format qwen2-moe" if fmt == "mixtral" else "use --format gguf-qwen2moe (with --gating softmax)")
+            + ", or convert with --shared 0"
         )
-    return _routing_refusal(fmt, mlps, renorm_only=True)
+    engine = "Mixtral" if fmt == "mixtral" else "llama.cpp's llama architecture"
+    return _routing_refusal(fmt, mlps, ("softmax-renorm",), mask_top1=True, engine=engine)
 
 
-def qwen2_moe_refusal(model: MoefyForCausalLM) -> str | None:
-    """Why ``model`` cannot be exported exactly as Qwen2-MoE, or ``None``."""
-    fmt = "qwen2-moe"
+def _qwen2_moe_layout_refusal(fmt: str, model: MoefyForCausalLM) -> str | None:
+    """Why ``model``'s base, attention and expert layout do not fit Qwen2-MoE (in transformers or
+    llama.cpp), or ``None``; routing is checked by the caller."""
     reason = _base_refusal(fmt, model, QWEN2_MOE_BASES)
     if reason:
         return reason
@@ -229,7 +252,10 @@ def qwen2_moe_refusal(model: MoefyForCausalLM) -> str | None:
     if mt == "llama" and getattr(cfg, "attention_bias", False):
         return f"{fmt} export cannot represent an attention output bias (attention_bias=true)"
     if mt == "mistral" and getattr(cfg, "sliding_window", None) is not None:
-        return f"{fmt} export cannot represent Mistral's sliding-window attention (sliding_window={cfg.sliding_window}); use --format mixtral"
+        return (
+            f"{fmt} export cannot represent Mistral's sliding-window attention (sliding_window={cfg.sliding_window}); "
+            + ("use --format mixtral" if fmt == "qwen2-moe" else "llama.cpp's qwen2moe attends to the full context")
+        )
     if mt == "qwen2" and "sliding_attention" in (getattr(cfg, "layer_types", None) or []):
         return f"{fmt} export cannot represent Qwen2 sliding-window layers (use_sliding_window=true)"
     head_dim = getattr(cfg, "head_dim", None)
@@ -242,10 +268,50 @@ def qwen2_moe_refusal(model: MoefyForCausalLM) -> str | None:
     reason = _layout_refusal(mlps)
     if reason:
         return f"{fmt} export needs one expert count and top-k in every converted layer; this model has {reason}"
+    return None
+
+
+def qwen2_moe_refusal(model: MoefyForCausalLM) -> str | None:
+    """Why ``model`` cannot be exported exactly as Qwen2-MoE, or ``None``."""
+    fmt = "qwen2-moe"
+    reason = _qwen2_moe_layout_refusal(fmt, model)
+    if reason:
+        return reason
+    cfg = model.config.to_base_config()
+    layers = moe_layers(model)
     for i, layer in enumerate(base_model(model).model.layers):
         if layers[i] is None and layer.mlp.gate_proj.weight.shape[0] != cfg.intermediate_size:
             return f"{fmt} export needs every dense layer of width {cfg.intermediate_size}; layer {i} differs"
-    return _routing_refusal(fmt, mlps, renorm_only=False)
+    mlps = [m for m in layers if m is not None]
+    return _routing_refusal(fmt, mlps, ("softmax-renorm", "softmax"), mask_top1=True, engine="Qwen2-MoE")
+
+
+def _gguf_rope_refusal(fmt: str, model: MoefyForCausalLM) -> str | None:
+    rope = dict(getattr(model.config.to_base_config(), "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") not in ("default", "linear"):
+        return f"{fmt} export writes only default or linear RoPE; this model uses rope_type {rope.get('rope_type')!r}"
+    return None
+
+
+def gguf_qwen2moe_refusal(model: MoefyForCausalLM) -> str | None:
+    """Why ``model`` cannot be exported exactly as a llama.cpp ``qwen2moe`` GGUF, or ``None``.
+
+    llama.cpp's qwen2moe graph (src/models/qwen2moe.cpp) makes every layer a MoE layer and weights
+    the top-k experts by the softmax over all experts, never renormalised (``build_moe_ffn`` with
+    ``norm_w=false``, whatever the GGUF says): moefy's ``softmax`` gating, only.  Its shared expert
+    is gated by ``sigmoid(w . x)`` (see :data:`GGUF_SHEXP_GATE`)."""
+    fmt = "gguf-qwen2moe"
+    reason = _qwen2_moe_layout_refusal(fmt, model)
+    if reason:
+        return reason
+    dense = [i for i, m in enumerate(moe_layers(model)) if m is None]
+    if dense:
+        return f"{fmt} export needs every layer converted (llama.cpp's qwen2moe has no dense layers); layers {dense} are still dense"
+    reason = _gguf_rope_refusal(fmt, model)
+    if reason:
+        return reason
+    mlps = [m for m in moe_layers(model) if m is not None]
+    return _routing_refusal(fmt, mlps, ("softmax",), mask_top1=False, engine="llama.cpp's qwen2moe")
 
 
 def gguf_refusal(model: MoefyForCausalLM) -> str | None:
@@ -261,10 +327,7 @@ def gguf_refusal(model: MoefyForCausalLM) -> str | None:
     window = getattr(cfg, "sliding_window", None)
     if window is not None and window < cfg.max_position_embeddings:
         return f"gguf export cannot represent sliding-window attention (sliding_window={window}); llama.cpp's llama architecture attends to the full context"
-    rope = dict(getattr(cfg, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") not in ("default", "linear"):
-        return f"gguf export writes only default or linear RoPE; this model uses rope_type {rope.get('rope_type')!r}"
-    return None
+    return _gguf_rope_refusal("gguf", model)
 
 
 def _refuse(reason: str | None) -> None:
@@ -878,52 +941,163 @@ def _scores_from_merges(names: list[str], types: list[int], merges: list[tuple[s
     return scores
 
 
-def gguf_tensors(model: MoefyForCausalLM, dtype: str = "f32") -> dict[str, Any]:
-    """The GGUF tensors (numpy, llama.cpp names and layouts) of an exactly representable model."""
+# --------------------------------------------------------------------------- gguf tensors
+# llama.cpp's qwen2moe graph gates the shared expert by sigmoid(w . x), computed as silu(z) / z
+# (src/models/qwen2moe.cpp): a zero gate weight, exact in transformers, gives 0/0 = NaN there.  The
+# GGUF gate weight is therefore this power of two in every entry: z = 2^-64 * sum(x) is a normal f32
+# whenever |sum(x)| > 2^-61 and below 2^-26 whenever |sum(x)| < 2^38, where silu(z) / z = z / (1 + 1) / z
+# = 0.5 exactly, as sigmoid(z) is in fp32 arithmetic; the doubled shared down-projection undoes it.  (A
+# token whose normalised hidden state sums to below 2^-61 in magnitude would lose that; the tensor
+# stays f32 in every --dtype and llama.cpp's quantizer leaves 1-D tensors alone.)
+GGUF_SHEXP_GATE = 2.0 ** -64
+
+
+def _gguf_array(dtype: str) -> Callable[..., Any]:
+    """Tensor -> numpy in the GGUF's dtype (``keep_f32``: norms, routers, gates stay f32)."""
     import numpy as np
 
-    _refuse(gguf_refusal(model))
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"unknown GGUF dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
-    cfg = model.config.to_base_config()
-    base = base_model(model)
     big = np.float16 if dtype == "f16" else np.float32
 
     def arr(t: torch.Tensor, keep_f32: bool = False) -> Any:
         a = t.detach().to(torch.float32).contiguous().cpu().numpy()
         return a if keep_f32 else a.astype(big, copy=False)
 
+    return arr
+
+
+def _gguf_common_tensors(model: MoefyForCausalLM, arr: Callable[..., Any], interleave_rope: bool, untie: bool) -> dict[str, Any]:
+    """Embeddings, norms, attention and output, llama.cpp names.  ``interleave_rope``: q/k rows in
+    llama.cpp's interleaved RoPE order (``llama``; ``qwen2moe`` is NEOX, HF's order); q/k/v biases
+    when the model has them; ``untie``: ``output.weight`` even for tied embeddings."""
+    cfg = model.config.to_base_config()
+    base = base_model(model)
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    width = expert_width([m for m in moe_layers(model) if m is not None])
     out: dict[str, Any] = {"token_embd.weight": arr(base.model.embed_tokens.weight)}
     for i, layer in enumerate(base.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         p = f"blk.{i}."
         out[p + "attn_norm.weight"] = arr(layer.input_layernorm.weight, keep_f32=True)
-        out[p + "attn_q.weight"] = arr(permute_qk(attn.q_proj.weight, n_head))
-        out[p + "attn_k.weight"] = arr(permute_qk(attn.k_proj.weight, n_kv))
+        q, k = attn.q_proj.weight, attn.k_proj.weight
+        out[p + "attn_q.weight"] = arr(permute_qk(q, n_head) if interleave_rope else q)
+        out[p + "attn_k.weight"] = arr(permute_qk(k, n_kv) if interleave_rope else k)
         out[p + "attn_v.weight"] = arr(attn.v_proj.weight)
+        for name, proj, heads in (("attn_q", attn.q_proj, n_head), ("attn_k", attn.k_proj, n_kv), ("attn_v", attn.v_proj, 0)):
+            if proj.bias is not None:
+                b = permute_qk(proj.bias, heads) if interleave_rope and heads else proj.bias
+                out[p + name + ".bias"] = arr(b, keep_f32=True)
         out[p + "attn_output.weight"] = arr(attn.o_proj.weight)
         out[p + "ffn_norm.weight"] = arr(layer.post_attention_layernorm.weight, keep_f32=True)
+    out["output_norm.weight"] = arr(base.model.norm.weight, keep_f32=True)
+    if untie or not cfg.tie_word_embeddings:
+        out["output.weight"] = arr(base.get_output_embeddings().weight)
+    return out
+
+
+def gguf_tensors(model: MoefyForCausalLM, dtype: str = "f32", align: int = 1) -> dict[str, Any]:
+    """The ``llama``-architecture GGUF tensors (numpy, llama.cpp names and layouts) of an exactly
+    representable model; experts zero-padded to the largest, rounded up to a multiple of ``align``."""
+    _refuse(gguf_refusal(model))
+    arr = _gguf_array(dtype)
+    out = _gguf_common_tensors(model, arr, interleave_rope=True, untie=False)
+    layers = moe_layers(model)
+    width = expert_width([m for m in layers if m is not None], align)
+    for i, mlp in enumerate(layers):
+        assert mlp is not None
+        p = f"blk.{i}."
         gate, up, down, router = _expert_tensors(mlp, width)
         out[p + "ffn_gate_inp.weight"] = arr(router, keep_f32=True)  # routing decisions stay full precision
         out[p + "ffn_gate_exps.weight"] = arr(gate)
         out[p + "ffn_up_exps.weight"] = arr(up)
         out[p + "ffn_down_exps.weight"] = arr(down)
-    out["output_norm.weight"] = arr(base.model.norm.weight, keep_f32=True)
-    if not cfg.tie_word_embeddings:
-        out["output.weight"] = arr(base.get_output_embeddings().weight)
-    return out
+    return dict(sorted(out.items(), key=lambda kv: _gguf_order(kv[0])))
 
 
-def write_gguf(
-    model: MoefyForCausalLM, out: str | Path, src_dir: str | Path | None = None,
-    tokenizer: Any = None, overwrite: bool = False, dtype: str = "f32", **_: Any,
-) -> Path:
-    """One ``.gguf`` file for llama.cpp (``llama`` architecture, Mixtral-style experts)."""
+def gguf_qwen2moe_tensors(model: MoefyForCausalLM, dtype: str = "f32", align: int = 1) -> dict[str, Any]:
+    """The ``qwen2moe``-architecture GGUF tensors of an exactly representable model: routed experts
+    as in :func:`gguf_tensors` (zero-padded to one width), the shared neurons as the shared expert
+    (``ffn_{gate,up,down}_shexp``, zero-padded to one width, down-projection doubled) with the gate
+    ``ffn_gate_inp_shexp`` = :data:`GGUF_SHEXP_GATE` (sigmoid = 0.5); a model without shared
+    neurons gets a one-neuron all-zero shared expert; both widths rounded up to a multiple of
+    ``align``.  ``output.weight`` is always written (the qwen2moe loader requires it)."""
+    _refuse(gguf_qwen2moe_refusal(model))
+    arr = _gguf_array(dtype)
+    out = _gguf_common_tensors(model, arr, interleave_rope=False, untie=True)
+    layers = moe_layers(model)
+    mlps = [m for m in layers if m is not None]
+    width = expert_width(mlps, align)
+    s_width = shared_width(mlps, align)
+    for i, mlp in enumerate(layers):
+        assert mlp is not None
+        p = f"blk.{i}."
+        gate, up, down, router = _expert_tensors(mlp, width)
+        out[p + "ffn_gate_inp.weight"] = arr(router, keep_f32=True)
+        out[p + "ffn_gate_exps.weight"] = arr(gate)
+        out[p + "ffn_up_exps.weight"] = arr(up)
+        out[p + "ffn_down_exps.weight"] = arr(down)
+        s_gate, s_up, s_down = _shared_tensors(mlp, s_width)
+        out[p + "ffn_gate_inp_shexp.weight"] = arr(torch.full((mlp.hidden_size,), GGUF_SHEXP_GATE), keep_f32=True)
+        out[p + "ffn_gate_shexp.weight"] = arr(s_gate)
+        out[p + "ffn_up_shexp.weight"] = arr(s_up)
+        out[p + "ffn_down_shexp.weight"] = arr(s_down * 2)  # sigmoid = 0.5, exactly undone
+    return dict(sorted(out.items(), key=lambda kv: _gguf_order(kv[0])))
+
+
+def _gguf_order(name: str) -> tuple[int, int, str]:
+    """Token embedding, then block by block, then the output (the order convert_hf_to_gguf writes)."""
+    if name.startswith("blk."):
+        return (1, int(name.split(".")[1]), name)
+    return (0 if name.startswith("token_embd") else 2, 0, name)
+
+
+# --------------------------------------------------------------------------- gguf writers
+@dataclass(frozen=True)
+class GgufArch:
+    """One llama.cpp architecture a GGUF is written as: its refusal, tensors and own keys."""
+
+    name: str  # general.architecture
+    fmt: str  # moefy export --format
+    refusal: Callable[[MoefyForCausalLM], str | None]
+    tensors: Callable[[MoefyForCausalLM, str, int], dict[str, Any]]  # (model, dtype, align)
+    add_keys: Callable[[Any, MoefyForCausalLM, int], None]  # (GGUFWriter, model, align): the architecture's own keys
+    gating_note: str  # how llama.cpp weights the chosen experts, for general.description
+
+
+def _llama_keys(w: Any, model: MoefyForCausalLM, align: int) -> None:
     import gguf
 
-    tensors = gguf_tensors(model, dtype)  # refuses before anything is written
+    w.add_feed_forward_length(expert_width([m for m in moe_layers(model) if m is not None], align))
+    w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+
+
+def _qwen2moe_keys(w: Any, model: MoefyForCausalLM, align: int) -> None:
+    mlps = [m for m in moe_layers(model) if m is not None]
+    w.add_feed_forward_length(model.config.to_base_config().intermediate_size)
+    w.add_expert_feed_forward_length(expert_width(mlps, align))
+    w.add_expert_shared_feed_forward_length(shared_width(mlps, align))
+
+
+GGUF_ARCHS = {
+    "gguf": GgufArch("llama", "gguf", gguf_refusal, gguf_tensors, _llama_keys,
+                     "llama.cpp weights experts by softmax renormalised over the top-k"),
+    "gguf-qwen2moe": GgufArch("qwen2moe", "gguf-qwen2moe", gguf_qwen2moe_refusal, gguf_qwen2moe_tensors, _qwen2moe_keys,
+                              "llama.cpp weights experts by the softmax over all experts (not renormalised); "
+                              "shared neurons are the shared expert"),
+}
+
+
+def _write_gguf_as(
+    arch: GgufArch, model: MoefyForCausalLM, out: str | Path, src_dir: str | Path | None = None,
+    tokenizer: Any = None, overwrite: bool = False, dtype: str = "f32", align: int = 1,
+) -> Path:
+    """One ``.gguf`` file of ``arch``: its tensors and keys, the common hyperparameters and the tokenizer."""
+    import gguf
+
+    if not isinstance(align, int) or isinstance(align, bool) or align < 1:
+        raise ConfigError(f"--gguf-align must be a positive integer, got {align!r}")
+    tensors = arch.tensors(model, dtype, align)  # refuses before anything is written
     cfg = model.config.to_base_config()
     m0 = moe_layers(model)[0]
     assert m0 is not None
@@ -931,22 +1105,21 @@ def write_gguf(
     vocab = gguf_vocab(src, cfg.vocab_size, tokenizer, cfg)  # refuses before anything is written
     out = prepare_output(out, overwrite)
     if out.is_dir():
-        raise ConfigError(f"--out {out} is a directory; the gguf format writes one file (e.g. {out / 'model.gguf'})")
+        raise ConfigError(f"--out {out} is a directory; the {arch.fmt} format writes one file (e.g. {out / 'model.gguf'})")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), arch.name)
         name = (src.name if src is not None else "moefy") or "moefy"
         w.add_name(name)
-        w.add_description(f"moefy MoE ({_describe(model)}); llama.cpp weights experts by softmax renormalised over the top-k")
+        w.add_description(f"moefy MoE ({_describe(model, align)}); {arch.gating_note}")
         w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32))
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         w.add_vocab_size(cfg.vocab_size)
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(cfg.hidden_size)
         w.add_block_count(cfg.num_hidden_layers)
-        w.add_feed_forward_length(expert_width([m for m in moe_layers(model) if m is not None]))
         w.add_head_count(cfg.num_attention_heads)
         w.add_head_count_kv(cfg.num_key_value_heads)
         w.add_rope_dimension_count(head_dim)
@@ -961,8 +1134,7 @@ def write_gguf(
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
         w.add_expert_count(m0.n_experts)
         w.add_expert_used_count(int(m0.top_k))
-        w.add_expert_weights_norm(True)
-        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+        arch.add_keys(w, model, align)
         w.add_tokenizer_model(vocab.model)
         if vocab.tokens:
             assert vocab.pre is not None and vocab.add_space_prefix is not None
@@ -1002,34 +1174,58 @@ def write_gguf(
     return out
 
 
+def write_gguf(
+    model: MoefyForCausalLM, out: str | Path, src_dir: str | Path | None = None,
+    tokenizer: Any = None, overwrite: bool = False, dtype: str = "f32", align: int = 1, **_: Any,
+) -> Path:
+    """One ``.gguf`` file for llama.cpp (``llama`` architecture, Mixtral-style experts)."""
+    return _write_gguf_as(GGUF_ARCHS["gguf"], model, out, src_dir, tokenizer, overwrite, dtype, align)
+
+
+def write_gguf_qwen2moe(
+    model: MoefyForCausalLM, out: str | Path, src_dir: str | Path | None = None,
+    tokenizer: Any = None, overwrite: bool = False, dtype: str = "f32", align: int = 1, **_: Any,
+) -> Path:
+    """One ``.gguf`` file for llama.cpp (``qwen2moe`` architecture: routed experts plus a shared expert)."""
+    return _write_gguf_as(GGUF_ARCHS["gguf-qwen2moe"], model, out, src_dir, tokenizer, overwrite, dtype, align)
+
+
 WRITERS: dict[str, Callable[..., Path]] = {
     "hf": write_hf,
     "mixtral": write_mixtral,
     "qwen2-moe": write_qwen2_moe,
     "gguf": write_gguf,
+    "gguf-qwen2moe": write_gguf_qwen2moe,
 }
 REFUSALS: dict[str, Callable[[MoefyForCausalLM], str | None]] = {
     "hf": lambda model: None,
     "mixtral": mixtral_refusal,
     "qwen2-moe": qwen2_moe_refusal,
     "gguf": gguf_refusal,
+    "gguf-qwen2moe": gguf_qwen2moe_refusal,
 }
 
 
 def export_model(
     model: MoefyForCausalLM, fmt: str, out: str | Path, src_dir: str | Path | None = None,
     tokenizer: Any = None, overwrite: bool = False, dtype: str = "f32", gating: str | None = None,
+    gguf_align: int = 1,
 ) -> Path:
     """Write ``model`` as ``fmt`` to ``out``.  ``gating`` exports it with that gating instead of its
     own (the export then computes another function unless the model was trained with it).  The
     caller's ``model`` is never changed: its gating is set for the export only and restored after,
-    also when the export fails."""
+    also when the export fails.  ``gguf_align`` (GGUF formats): expert widths rounded up to a
+    multiple of it with zero neurons (exact), e.g. 32 so that llama.cpp's 32-block quantizations
+    (Q8_0, Q5_0, Q4_0) fit every expert tensor instead of keeping it F16."""
     if fmt not in WRITERS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
+    if gguf_align != 1 and fmt not in GGUF_ARCHS:
+        raise ConfigError(f"--gguf-align applies to the GGUF formats ({', '.join(GGUF_ARCHS)}), not {fmt}")
+    kw: dict[str, Any] = {"align": gguf_align} if fmt in GGUF_ARCHS else {}
     if gating is None:
-        return WRITERS[fmt](model, out, src_dir=src_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype)
+        return WRITERS[fmt](model, out, src_dir=src_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype, **kw)
     if gating not in GATINGS:
         raise ConfigError(f"unknown gating {gating!r}; choose one of {', '.join(GATINGS)}")
     if fmt == "hf":
@@ -1037,7 +1233,7 @@ def export_model(
     saved = (model.config.gating, [None if mlp is None else mlp.gating for mlp in moe_layers(model)])
     try:
         set_gating(model, gating)
-        return WRITERS[fmt](model, out, src_dir=src_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype)
+        return WRITERS[fmt](model, out, src_dir=src_dir, tokenizer=tokenizer, overwrite=overwrite, dtype=dtype, **kw)
     finally:  # the writers read the gating while converting; nothing keeps a reference to it
         model.config.gating = saved[0]
         for mlp, g in zip(moe_layers(model), saved[1]):
@@ -1046,13 +1242,17 @@ def export_model(
 
 
 def export_checkpoint(
-    src: str | Path, fmt: str, out: str | Path, overwrite: bool = False, dtype: str = "f32",
+    src: str | Path, fmt: str, out: str | Path, overwrite: bool = False, dtype: str = "f32", gguf_align: int = 1,
 ) -> Path:
     """``moefy export``: load the moefy checkpoint ``src`` and write it as ``fmt`` to ``out``."""
     if fmt not in WRITERS:
         raise ConfigError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(GGUF_DTYPES)}")
+    if gguf_align != 1 and fmt not in GGUF_ARCHS:
+        raise ConfigError(f"--gguf-align applies to the GGUF formats ({', '.join(GGUF_ARCHS)}), not {fmt}")
+    if gguf_align < 1:
+        raise ConfigError(f"--gguf-align must be a positive integer, got {gguf_align}")
     src, out = Path(src), Path(out)
     if out.exists() and out.resolve() == src.resolve():
         raise ConfigError("--out must differ from the input checkpoint")
@@ -1060,12 +1260,12 @@ def export_checkpoint(
     if fmt == "hf":  # a file copy: no need to load the weights
         return write_hf(None, out, src_dir=check_moefy_dir(src), overwrite=overwrite)
     model = load_moefy_dir(src)
-    return export_model(model, fmt, out, src_dir=src, overwrite=overwrite, dtype=dtype)
+    return export_model(model, fmt, out, src_dir=src, overwrite=overwrite, dtype=dtype, gguf_align=gguf_align)
 
 
 __all__ = [
-    "FORMATS", "WRITERS", "GgufVocab", "check_moefy_dir", "export_checkpoint", "export_model", "gguf_refusal", "gguf_tensors",
-    "gguf_vocab", "load_moefy_dir",
+    "FORMATS", "GGUF_ARCHS", "GGUF_SHEXP_GATE", "WRITERS", "GgufArch", "GgufVocab", "check_moefy_dir", "export_checkpoint",
+    "export_model", "gguf_qwen2moe_refusal", "gguf_qwen2moe_tensors", "gguf_refusal", "gguf_tensors", "gguf_vocab", "load_moefy_dir",
     "mixtral_refusal", "permute_qk", "qwen2_moe_refusal", "set_gating", "to_mixtral", "to_qwen2_moe",
-    "unpermute_qk", "write_gguf", "write_hf", "write_mixtral", "write_qwen2_moe",
+    "unpermute_qk", "write_gguf", "write_gguf_qwen2moe", "write_hf", "write_mixtral", "write_qwen2_moe",
 ]
