@@ -100,23 +100,48 @@ def _plus_diagonal(gram: torch.Tensor, lam: torch.Tensor | float) -> torch.Tenso
 
 
 @torch.no_grad()
-def init_router(
-    layer: DotMoeLayer, x: torch.Tensor, h: torch.Tensor, ridge: float = 1e-2, w: torch.Tensor | None = None
-) -> None:
-    """Least-squares router: logits ~ log of each expert's output norm (centred per token),
-    rows weighted by ``w`` when given."""
-    split = layer.split()
-    targets = []
-    for idx in split.experts:
-        contrib = torch.nn.functional.linear(h[:, idx], layer.down[:, idx])
-        targets.append(contrib.norm(dim=-1))
-    t = torch.log(torch.stack(targets, dim=-1) + 1e-6)
-    t = t - t.mean(dim=-1, keepdim=True)
+def router_factor(x: torch.Tensor, ridge: float = 1e-2, w: torch.Tensor | None = None) -> torch.Tensor:
+    """The Cholesky factor of the least-squares router's normal matrix ``X^T diag(w) X + lam I``.
+
+    It depends only on the layer's calibration inputs, so a layer computes it once and reuses it
+    for every router refit (measured on SmolLM2 at the main job's layout: the Gram matrix was
+    recomputed 6 times per layer, a tenth of the layer's fitting time)."""
     xx = x.float()
     xw = xx * w[:, None] if w is not None else xx
     gram = xw.T @ xx
     lam = ridge * gram.diagonal().mean()
-    sol = torch.linalg.solve(_plus_diagonal(gram, lam), xw.T @ t)
+    return torch.linalg.cholesky(_plus_diagonal(gram, lam))
+
+
+@torch.no_grad()
+def init_router(
+    layer: DotMoeLayer, x: torch.Tensor, h: torch.Tensor, ridge: float = 1e-2, w: torch.Tensor | None = None,
+    factor: torch.Tensor | None = None,
+) -> None:
+    """Least-squares router: logits ~ log of each expert's output norm (centred per token),
+    rows weighted by ``w`` when given.  ``factor``: :func:`router_factor` of the same ``x``,
+    ``ridge`` and ``w`` (computed here when not given)."""
+    split = layer.split()
+    # ||h_e D_e^T|| per token through each expert's small Gram matrix D_e^T D_e (the same norm
+    # at n_e / d_model of the cost of forming every token's output), the columns of h and D
+    # gathered once in expert order: 8-10x faster than a gather and an output per expert
+    # (measured at SmolLM2's shapes, 14k tokens x 26 experts: 0.24 s against 1.9-2.4 s)
+    order = torch.cat([torch.as_tensor(idx, dtype=torch.long) for idx in split.experts]).to(h.device)
+    hp, dp = h.index_select(1, order), layer.down.index_select(1, order)
+    targets, start = [], 0
+    for idx in split.experts:
+        n = len(idx)
+        hi, de = hp[:, start : start + n], dp[:, start : start + n]
+        start += n
+        sq = ((hi @ (de.T @ de)) * hi).sum(dim=-1)
+        targets.append(sq.clamp(min=0).sqrt())
+    del hp, dp
+    t = torch.log(torch.stack(targets, dim=-1) + 1e-6)
+    t = t - t.mean(dim=-1, keepdim=True)
+    if factor is None:
+        factor = router_factor(x, ridge, w)
+    xw = x.float() * w[:, None] if w is not None else x.float()
+    sol = torch.cholesky_solve(xw.T @ t, factor)
     layer.router.weight.copy_(sol.T)
 
 
@@ -181,8 +206,17 @@ class _Data:
     h: torch.Tensor | None = None
     h_val: torch.Tensor | None = None
 
+    factor: torch.Tensor | None = None
+
     def val_error(self, layer: DotMoeLayer) -> float:
         return _eval_error(layer, self.x_val, self.y_val, self.h_val, self.w_val)
+
+    def init_router(self, layer: DotMoeLayer) -> None:
+        """The least-squares router on the training tokens (the normal matrix factored once)."""
+        assert self.h is not None
+        if self.factor is None:
+            self.factor = router_factor(self.x, w=self.w)
+        init_router(layer, self.x, self.h, w=self.w, factor=self.factor)
 
     def batch(self, size: int, gen: torch.Generator, with_h: bool) -> tuple[torch.Tensor, ...]:
         # a CPU generator: the same batches on every device
@@ -259,7 +293,7 @@ def train_routing(layer: DotMoeLayer, data: _Data, cfg: ConvertConfig, layer_idx
             return None
         trained = copy.deepcopy(layer.router.state_dict())
         err_ste = data.val_error(layer)
-        init_router(layer, data.x, data.h, w=data.w)  # type: ignore[arg-type]
+        data.init_router(layer)
         layer.calibrate_threshold(data.x[:8192])
         if data.val_error(layer) >= err_ste:
             layer.router.load_state_dict(trained)
@@ -369,7 +403,7 @@ def fit_layer(
         data.h_val = layer.hidden(x_val)
     init_assign = layer.fixed_assign.clone()
     if layer.n_experts > 0:
-        init_router(layer, x, data.h, w=data.w)
+        data.init_router(layer)
         layer.calibrate_threshold(x[:8192])
     report.error_init = data.val_error(layer)
     report.error_routed = report.error_init
@@ -382,7 +416,7 @@ def fit_layer(
     report.neurons_moved = int((layer.fixed_assign != init_assign).sum())
     if layer.n_experts > 0 and report.neurons_moved > 0:
         trained = snapshot(layer)
-        init_router(layer, x, data.h, w=data.w)
+        data.init_router(layer)
         layer.calibrate_threshold(x[:8192])
         err = data.val_error(layer)
         if err < report.error_routed:
