@@ -198,7 +198,7 @@ def _routing_refusal(fmt: str, mlps: list[MoefyMLP], exact: tuple[str, ...], mas
     if gating == "softmax-renorm":
         return (
             f"{fmt} export needs {needs}; this model renormalises its chosen experts' router probabilities "
-            f"(softmax-renorm gating), which {engine} cannot represent (--format mixtral, qwen2-moe and gguf can)"
+            f"(softmax-renorm gating), which {engine} cannot represent (--format qwen2-moe can; mixtral and gguf too without shared neurons)"
         )
     return f"{fmt} export cannot represent gating {gating!r}"
 
