@@ -170,7 +170,9 @@ def test_sharded_output_reloads(tmp_path):
         ref = AutoModelForCausalLM.from_pretrained(tmp_path / "single").eval()
         got = AutoModelForCausalLM.from_pretrained(out).eval()
         with torch.no_grad():
-            assert torch.equal(ref(input_ids=ids).logits, got(input_ids=ids).logits)
+            # the weights are bit-identical (above); tensors read from other files can take other
+            # BLAS paths (alignment, tied vs separate lm_head), so an ulp apart at 1 thread
+            torch.testing.assert_close(got(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-5)
     # without moefy installed: the checkpoint's own code
     code = ("import sys, torch; sys.modules['moefy'] = None; from transformers import AutoModelForCausalLM; "
             f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'onload')!r}, trust_remote_code=True); "
