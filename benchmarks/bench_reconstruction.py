@@ -64,15 +64,21 @@ def oracle_error(dot, x, y, w=None) -> float:
         base = h[:, dot.shared_idx] @ dot.down[:, dot.shared_idx].T
     else:
         base = torch.zeros_like(y)
-    res = y - base
+    _, res = greedy_choice(c, y - base, dot.top_k)
+    return _err(y - res, y, w)
+
+
+def greedy_choice(c: torch.Tensor, res: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy oracle: per token, ``k`` times the expert (contributions ``c``: tokens x E x d) that
+    most reduces the residual ``res``; returns (chosen mask, final residual)."""
     chosen = torch.zeros(c.shape[:2], dtype=torch.bool)
-    for _ in range(dot.top_k):
+    for _ in range(k):
         gain = 2 * torch.einsum("ted,td->te", c, res) - c.pow(2).sum(-1)
         gain[chosen] = -float("inf")
         e = gain.argmax(1)
         chosen[torch.arange(len(e)), e] = True
         res = res - c[torch.arange(len(e)), e]
-    return _err(y - res, y, w)
+    return chosen, res
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_reconstruction import _save, capture  # noqa: E402
+from bench_reconstruction import _save, capture, greedy_choice  # noqa: E402
 
 
 # ---------------------------------------------------------------------- routers
@@ -123,13 +123,7 @@ def greedy_oracle_mask(dot, x: torch.Tensor, y: torch.Tensor, chunk: int = 2048)
             chosen[rows, best % n_e] = True
             out.append(chosen)
             continue
-        for _ in range(dot.top_k):
-            gain = 2 * torch.einsum("ted,td->te", c, res) - c.pow(2).sum(-1)
-            gain[chosen] = -float("inf")
-            e = gain.argmax(1)
-            chosen[torch.arange(len(e)), e] = True
-            res = res - c[torch.arange(len(e)), e]
-        out.append(chosen)
+        out.append(greedy_choice(c, res, dot.top_k)[0])
     return torch.cat(out)
 
 
