@@ -582,3 +582,24 @@ def test_trained_softmax_renorm_model_exports_to_mixtral(tmp_path):
         a = AutoModelForCausalLM.from_pretrained(res.out)(input_ids=ids).logits
         b = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral")(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-4)
+
+
+@needs_shared()
+@pytest.mark.parametrize("gating", ["softmax", "softmax-renorm"])
+def test_converted_with_exportable_gating_serves_as_qwen2_moe(gating, tmp_path, capsys):
+    """`moefy convert --gating softmax|softmax-renorm` with shared neurons trains under the rule it
+    exports, so its checkpoint is a stock Qwen2-MoE with equal logits and no retraining."""
+    from conftest import TINYSTORIES
+
+    out = tmp_path / "moe"
+    code, err = run_cli(["convert", str(STORIES), "--experts", "4", "--top-k", "2", "--shared", "32", "--shared-by", "importance",
+                         "--gating", gating, "--calib", str(TINYSTORIES), "--calib-tokens", "2048", "--seq-len", "64",
+                         "--steps", "4", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["gating"] == gating
+    code, err = run_cli(["export", str(out), "-f", "qwen2-moe", "-o", str(tmp_path / "q")], capsys)
+    assert code == 0, err
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert q.config.norm_topk_prob == (gating == "softmax-renorm")
+    ids = torch.randint(3, 500, (2, 48), generator=torch.Generator().manual_seed(5))
+    assert_same_logits(logits(q, ids), logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids))

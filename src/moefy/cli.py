@@ -84,7 +84,7 @@ def convert(
     rounding: Annotated[str, typer.Option(help="greedy (paper) | exact (transport LP)")] = "greedy",
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated decoder layers to convert (default all).")] = None,
     router: Annotated[str, typer.Option(help="topk (hard top-k, STE) | lapsum (SoftMoE truncated LapSum soft top-k)")] = "topk",
-    gating: Annotated[str, typer.Option(help="top-k expert weights: mask (1.0, the paper) | softmax-renorm (Mixtral's; exact stock export)")] = "mask",
+    gating: Annotated[str, typer.Option(help="top-k expert weights: mask (1.0, the paper) | softmax (router probability; exact Qwen2-MoE and gguf-qwen2moe export) | softmax-renorm (renormalised over the top-k; exact Mixtral, Qwen2-MoE and GGUF export)")] = "mask",
     budget: Annotated[Optional[float], typer.Option(help="LapSum: total mean active experts over all layers K (default top-k x layers).")] = None,
     budget_mode: Annotated[str, typer.Option(help="LapSum: learned (per-layer k_l, needs --stage e2e|both) | fixed (K/L)")] = "learned",
     max_active: Annotated[Optional[int], typer.Option(help="LapSum: most experts one token may use.")] = None,

@@ -75,7 +75,7 @@ class ConvertConfig:
     layers: list[int] | None = field(default=None)
     # routing (SoftMoE): "topk" (hard top-k, STE) or "lapsum" (truncated LapSum soft top-k)
     router: str = "topk"
-    gating: str = "mask"  # top-k: "mask" (paper) or "softmax-renorm" (exactly exportable to Mixtral/GGUF)
+    gating: str = "mask"  # top-k: "mask" (paper), "softmax" (Qwen2-MoE, norm_topk_prob False) or "softmax-renorm" (Mixtral)
     budget: float | None = None  # LapSum: total mean active experts over all converted layers (K)
     budget_mode: str = "learned"  # LapSum: "learned" (k_l = softmax(eta)_l (K - L) + 1, e2e) or "fixed" (K/L)
     max_active: int | None = None  # LapSum: cap on experts a token may use
@@ -137,8 +137,8 @@ class ConvertConfig:
             raise ConfigError(f"unknown --rounding {self.rounding!r}; choose greedy or exact")
         if self.router not in ("topk", "lapsum"):
             raise ConfigError(f"unknown --router {self.router!r}; choose topk or lapsum")
-        if self.gating not in ("mask", "softmax-renorm"):
-            raise ConfigError(f"unknown --gating {self.gating!r}; choose mask or softmax-renorm")
+        if self.gating not in ("mask", "softmax", "softmax-renorm"):
+            raise ConfigError(f"unknown --gating {self.gating!r}; choose mask, softmax or softmax-renorm")
         if self.budget_mode not in ("learned", "fixed"):
             raise ConfigError(f"unknown --budget-mode {self.budget_mode!r}; choose learned or fixed")
         if self.max_active is not None and not 1 <= self.max_active <= self.n_experts:
