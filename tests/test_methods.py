@@ -220,3 +220,37 @@ def test_ls_router_scoring_never_keeps_a_worse_assignment():
         layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", split, 2, learn_assignment=True)
         errs[flag] = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0).error_routed
     assert errs[True] <= errs[False] + 1e-9
+
+
+@needs_shared()
+def test_select_model_keeps_the_fit_with_lower_model_kl(tmp_path):
+    """`--select model`: every trained layer records both fits' held-out model KL and keeps the lower."""
+    from moefy.runner import run_convert
+
+    cfg = ConvertConfig(n_experts=4, top_k=1, calib_tokens=4096, seq_len=64, steps=6, eval_every=2, select="model")
+    res = run_convert(str(STORIES), tmp_path / "m", cfg, [str(TINYSTORIES)], log=lambda *_: None)
+    reports = res.record["layer_reports"]
+    assert reports and all(r["selected"] in ("trained", "initial") for r in reports)
+    for r in reports:
+        kl = r["model_kl"]
+        assert kl[r["selected"]] == min(kl.values()) and all(v >= 0 for v in kl.values())
+        if r["selected"] == "initial":
+            assert r["neurons_moved"] == 0
+
+
+@needs_shared()
+def test_select_model_refuses_layer_by_layer(tmp_path):
+    from moefy.errors import ConfigError
+    from moefy.runner import run_convert
+
+    cfg = ConvertConfig(n_experts=4, top_k=1, calib_tokens=1024, seq_len=64, steps=2, select="model")
+    with pytest.raises(ConfigError, match="--select model"):
+        run_convert(str(STORIES), tmp_path / "m", cfg, [str(TINYSTORIES)], log=lambda *_: None, onload=True)
+    assert not (tmp_path / "m").exists()
+
+
+def test_unknown_select_is_a_config_error():
+    from moefy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--select"):
+        ConvertConfig(select="logits").validate()

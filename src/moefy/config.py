@@ -48,6 +48,10 @@ class ConvertConfig:
     balance_weight: float = 1e-2
     eval_every: int = 10
     ls_router_eval: bool = True  # DOT-MoE: score each assignment with a refitted least-squares router too
+    # which fit a layer keeps: "layer" (held-out layer error, the recipe's own choices) or "model" (the
+    # trained fit or the fit from the initial split, whichever gives the lower held-out KL of the
+    # model's logits; moefy.model_select)
+    select: str = "layer"
     weights: str = "ridge"
     weight_steps: int = 150
     # layer loss: "clip" caps each token's share of ||y||^2 at token_clip x the median token
@@ -137,6 +141,8 @@ class ConvertConfig:
             raise ConfigError(f"unknown --rounding {self.rounding!r}; choose greedy or exact")
         if self.router not in ("topk", "lapsum"):
             raise ConfigError(f"unknown --router {self.router!r}; choose topk or lapsum")
+        if self.select not in ("layer", "model"):
+            raise ConfigError(f"unknown --select {self.select!r}; choose layer or model")
         if self.gating not in ("mask", "softmax", "softmax-renorm"):
             raise ConfigError(f"unknown --gating {self.gating!r}; choose mask, softmax or softmax-renorm")
         if self.budget_mode not in ("learned", "fixed"):

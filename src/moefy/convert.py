@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +31,9 @@ from .activations import ActivationStore
 from .adapters import Adapter, get_adapter
 from .config import ConvertConfig
 from .dotmoe import DotMoeLayer
+from .errors import ConfigError
 from .layerwise import LayerReport, fit_layer
+from .model_select import HeldOutKL
 from .splits import (
     Split,
     act_cluster_split,
@@ -271,6 +274,11 @@ def layerwise_stage(
     layers = adapter.layers(model)
     chosen = layers_to_convert(cfg, len(layers))
     restored = restored or {}
+    scorer = None
+    if cfg.select == "model" and [i for i in chosen if i not in restored and i not in finished]:
+        if host is not None and not isinstance(host, InMemoryHost):
+            raise ConfigError("--select model needs the whole model in memory; convert without layer-by-layer onloading (--no-onload)")
+        scorer = HeldOutKL(model, adapter, calib, cfg.val_fraction)  # the dense model's held-out logits, first
     for i in chosen:
         if i in restored:
             layers[i].mlp = restored[i]
@@ -290,7 +298,10 @@ def layerwise_stage(
             layer = host.onload(i)
             kwargs = to_device(layer_kwargs[i], dev)
             if i in todo:
-                reports.append(_convert_layer(layer, i, store, kwargs, adapter, model.config, cfg, dev, len(chosen)))
+                select = None
+                if scorer is not None:
+                    select = _model_scorer(scorer, i, layer, store, batch, dev)
+                reports.append(_convert_layer(layer, i, store, kwargs, adapter, model.config, cfg, dev, len(chosen), select))
                 if on_layer_done is not None:
                     on_layer_done(i, reports[-1], layer)
             if i == todo[-1]:  # nothing above needs the calibration activations
@@ -309,11 +320,38 @@ def layerwise_stage(
     return reports
 
 
+def _model_scorer(
+    scorer: HeldOutKL, i: int, layer: nn.Module, store: ActivationStore, batch: int, device: torch.device,
+) -> Callable[[], float]:
+    """The model-level score of whatever FFN sits in decoder layer ``i`` now: held-out KL through
+    the rest of the (in-memory) model, run where the other layers are."""
+    home = scorer.model.get_input_embeddings().weight.device
+
+    def hidden_in(j: int) -> torch.Tensor:
+        s = scorer.first + j
+        return store.get(s // batch)[s % batch : s % batch + 1]
+
+    def score() -> float:
+        if device != home:
+            layer.to(home)
+        try:
+            return scorer.score(i, hidden_in)
+        finally:
+            if device != home:
+                layer.to(device)
+
+    return score
+
+
 def _convert_layer(
     layer: nn.Module, i: int, store: ActivationStore, kwargs: dict[str, Any], adapter: Adapter, config: Any,
-    cfg: ConvertConfig, device: torch.device, n_converted: int,
+    cfg: ConvertConfig, device: torch.device, n_converted: int, select: Callable[[], float] | None = None,
 ) -> LayerReport:
-    """Fit decoder layer ``i``'s MoE on its calibration FFN inputs and put it in place."""
+    """Fit decoder layer ``i``'s MoE on its calibration FFN inputs and put it in place.
+
+    With ``select`` (``--select model``): where the recipe trained something (DOT-MoE's assignment
+    or router steps), the same layer is also fitted from its initial split without that training,
+    and the layer keeps whichever fit ``select()`` scores lower (held-out KL of the model)."""
     mlp = layer.mlp
     dtype = adapter.ffn_weights(mlp).gate.dtype
     x_in, y_out = collect_ffn_io(layer, mlp, (store.get(b).to(device) for b in range(len(store))), kwargs)
@@ -331,10 +369,26 @@ def _convert_layer(
     del h_sample
     dot = make_layer(mlp, adapter, config, split, cfg)
     dot.k_budget = mean_budget(cfg, n_converted)
+    base = make_layer(mlp, adapter, config, split, cfg) if select is not None else None
     report = fit_layer(dot, x_tr, y_tr, x_val, y_val, cfg, i)
     dot.eval()
     layer.mlp = dot.to_moe_mlp(dtype=dtype)
-    return report
+    if base is None or report.steps == 0:
+        return report
+    base.k_budget = dot.k_budget
+    base_report = fit_layer(base, x_tr, y_tr, x_val, y_val, replace(cfg, steps=0), i)
+    base.eval()
+    trained_kl = select()
+    layer.mlp = base.to_moe_mlp(dtype=dtype)
+    initial_kl = select()
+    kls = {"trained": trained_kl, "initial": initial_kl}
+    if trained_kl <= initial_kl:
+        layer.mlp = dot.to_moe_mlp(dtype=dtype)
+        report.selected, report.model_kl = "trained", kls
+        return report
+    base_report.selected, base_report.model_kl = "initial", kls
+    base_report.seconds += report.seconds
+    return base_report
 
 
 def active_fraction(cfg: ConvertConfig, d_ffn: int) -> float:

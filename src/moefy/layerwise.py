@@ -65,6 +65,8 @@ class LayerReport:
     ridge_gamma: float | None = None
     mean_active: float = math.nan  # experts run per held-out token
     k_budget: float = math.nan
+    selected: str | None = None  # --select model: "trained" or "initial" (the fit kept)
+    model_kl: dict[str, float] | None = None  # --select model: held-out KL of the model with each fit
 
     def to_dict(self) -> dict[str, object]:
         return dict(self.__dict__)

@@ -194,6 +194,8 @@ def _why_not_onload(src: Source, cfg: ConvertConfig, calib_files: list[str]) -> 
         return f"--stage {cfg.stage} trains the whole model"
     if not calib_files:
         return "data-free calibration samples text from the whole dense model (give --calib FILE)"
+    if cfg.select == "model":
+        return "--select model scores each layer's fits through the rest of the model"
     return None
 
 
