@@ -254,3 +254,20 @@ def test_unknown_select_is_a_config_error():
 
     with pytest.raises(ConfigError, match="--select"):
         ConvertConfig(select="logits").validate()
+
+
+@needs_shared()
+@pytest.mark.parametrize("select", ["layer", "model"])
+def test_init_best_starts_each_layer_from_the_better_heuristic(select, tmp_path):
+    """`--init best`: every layer records both heuristic splits' held-out scores and starts from the
+    lower; the checkpoint converts and reloads."""
+    from moefy.config import BEST_INIT_CANDIDATES
+    from moefy.runner import run_convert
+
+    cfg = ConvertConfig(n_experts=4, top_k=1, calib_tokens=4096, seq_len=64, steps=4, eval_every=2, init="best", select=select)
+    res = run_convert(str(STORIES), tmp_path / "m", cfg, [str(TINYSTORIES)], log=lambda *_: None)
+    reports = res.record["layer_reports"]
+    assert reports
+    for r in reports:
+        assert set(r["init_scores"]) == set(BEST_INIT_CANDIDATES)
+        assert r["init_scores"][r["init"]] == min(r["init_scores"].values())

@@ -80,7 +80,7 @@ def convert(
     e2e_steps: Annotated[int, typer.Option(help="End-to-end (recovery training) steps of --e2e-batch sequences.")] = 100,
     e2e_batch: Annotated[int, typer.Option(help="End-to-end: sequences per step.")] = 4,
     e2e_val_sequences: Annotated[int, typer.Option(help="End-to-end: calibration sequences held out to keep the best state (0: keep the last).")] = 4,
-    init: Annotated[str, typer.Option(help="DOT-MoE initial split: act-cluster | param-cluster | random")] = "act-cluster",
+    init: Annotated[str, typer.Option(help="DOT-MoE initial split: act-cluster | param-cluster | random | best (per layer, whichever of act-cluster and param-cluster fits better on held-out tokens; by model KL with --select model)")] = "act-cluster",
     select: Annotated[str, typer.Option(help="Which fit each layer keeps: layer (lower held-out layer error) | model (trained or initial-split fit, by held-out KL of the model's logits; needs the whole model in memory)")] = "layer",
     rounding: Annotated[str, typer.Option(help="greedy (paper) | exact (transport LP)")] = "greedy",
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated decoder layers to convert (default all).")] = None,

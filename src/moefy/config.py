@@ -14,7 +14,9 @@ DEVICES = "cpu, cuda, cuda:N or auto"
 METHODS = ("dot", "dot-frozen", "random", "param-cluster", "act-cluster", "prune")
 STAGES = ("layerwise", "e2e", "both")
 WEIGHT_MODES = ("none", "ridge", "grad", "grad+ridge")
-INITS = ("act-cluster", "param-cluster", "random")
+INITS = ("act-cluster", "param-cluster", "random", "best")
+# --init best: each layer starts from whichever of these splits scores lower on held-out tokens
+BEST_INIT_CANDIDATES = ("act-cluster", "param-cluster")
 # the layout fields --active chooses (moefy.layouts.layout_for) unless given explicitly
 LAYOUT_FIELDS = ("n_experts", "top_k", "n_shared", "shared_by")
 

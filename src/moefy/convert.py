@@ -29,7 +29,7 @@ from torch import nn
 
 from .activations import ActivationStore
 from .adapters import Adapter, get_adapter
-from .config import ConvertConfig
+from .config import BEST_INIT_CANDIDATES, ConvertConfig
 from .dotmoe import DotMoeLayer
 from .errors import ConfigError
 from .layerwise import LayerReport, fit_layer
@@ -343,6 +343,35 @@ def _model_scorer(
     return score
 
 
+def _best_initial_split(
+    layer: nn.Module, mlp: nn.Module, adapter: Adapter, config: Any, ffn: Any, h_sample: torch.Tensor, cfg: ConvertConfig,
+    i: int, n_converted: int, data: tuple[torch.Tensor, ...], select: Callable[[], float] | None,
+) -> tuple[Split, dict[str, float]]:
+    """``--init best``: each candidate heuristic split (``BEST_INIT_CANDIDATES``) fitted without
+    training (least-squares router, the configured weight refit) and scored on held-out tokens:
+    by the layer's held-out error, or with ``select`` by the model's held-out KL.  Returns the
+    best split and every candidate's score."""
+    scores: dict[str, float] = {}
+    splits: dict[str, Split] = {}
+    for kind in BEST_INIT_CANDIDATES:
+        split = initial_split(kind, kind, ffn, h_sample, cfg, cfg.seed + i)
+        splits[kind] = Split(split.shared.cpu(), [e.cpu() for e in split.experts])
+        fixed = replace(cfg, method=kind, steps=0)
+        cand = make_layer(mlp, adapter, config, splits[kind], fixed)
+        cand.k_budget = mean_budget(cfg, n_converted)
+        rep = fit_layer(cand, *data, fixed, i)
+        if select is None:
+            scores[kind] = rep.error_final
+            continue
+        cand.eval()
+        layer.mlp = cand.to_moe_mlp(dtype=adapter.ffn_weights(mlp).gate.dtype)
+        try:
+            scores[kind] = select()
+        finally:
+            layer.mlp = mlp
+    return splits[min(scores, key=scores.__getitem__)], scores
+
+
 def _convert_layer(
     layer: nn.Module, i: int, store: ActivationStore, kwargs: dict[str, Any], adapter: Adapter, config: Any,
     cfg: ConvertConfig, device: torch.device, n_converted: int, select: Callable[[], float] | None = None,
@@ -364,13 +393,20 @@ def _convert_layer(
             * nn.functional.linear(x_tr, _f32(ffn.up), _f32(ffn.up_bias)),
             seed=cfg.seed + i,
         )
-    split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
+    data = (x_tr, y_tr, x_val, y_val)
+    init_scores = None
+    if cfg.init == "best" and cfg.method in ("dot", "dot-frozen"):
+        split, init_scores = _best_initial_split(layer, mlp, adapter, config, ffn, h_sample, cfg, i, n_converted, data, select)
+    else:
+        split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
     split = Split(split.shared.cpu(), [e.cpu() for e in split.experts])  # index bookkeeping on the CPU
     del h_sample
     dot = make_layer(mlp, adapter, config, split, cfg)
     dot.k_budget = mean_budget(cfg, n_converted)
     base = make_layer(mlp, adapter, config, split, cfg) if select is not None else None
     report = fit_layer(dot, x_tr, y_tr, x_val, y_val, cfg, i)
+    if init_scores is not None:
+        report.init, report.init_scores = min(init_scores, key=init_scores.__getitem__), init_scores
     dot.eval()
     layer.mlp = dot.to_moe_mlp(dtype=dtype)
     if base is None or report.steps == 0:
@@ -387,6 +423,7 @@ def _convert_layer(
         report.selected, report.model_kl = "trained", kls
         return report
     base_report.selected, base_report.model_kl = "initial", kls
+    base_report.init, base_report.init_scores = report.init, report.init_scores
     base_report.seconds += report.seconds
     return base_report
 

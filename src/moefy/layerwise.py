@@ -65,6 +65,8 @@ class LayerReport:
     ridge_gamma: float | None = None
     mean_active: float = math.nan  # experts run per held-out token
     k_budget: float = math.nan
+    init: str | None = None  # --init best: the initial split chosen for this layer
+    init_scores: dict[str, float] | None = None  # --init best: each candidate's held-out score
     selected: str | None = None  # --select model: "trained" or "initial" (the fit kept)
     model_kl: dict[str, float] | None = None  # --select model: held-out KL of the model with each fit
 
