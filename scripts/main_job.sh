@@ -3,7 +3,8 @@
 #   1. layer-wise DOT-MoE conversion with the measured-best 25% layout (288 always-active
 #      neurons chosen by importance + 2 of 26 routed experts; docs/BENCHMARKS.md section 6);
 #   2. a short recovery training (moefy train) of the whole network against the dense model
-#      (moefy's default learning rates: in this 12-step run 3x kept step 4 and scored worse, 7.1b);
+#      (moefy's default learning rates: in this 12-step run 3x kept step 4 and scored worse; 2 warmup
+#      steps instead of the default 10, which would leave a 12-step run at its peak rate only at the end, 7.1b);
 #   3. dense vs MoE (layer-wise) vs MoE (recovered) perplexity, side by side, on the first 40
 #      windows of 1024 tokens of WikiText-2 test (about 20 min on 2 CPU cores in all).
 # Calibration and training text: WikiText-2 valid; evaluation: WikiText-2 test (disjoint).
@@ -24,7 +25,7 @@ for f in "${DATA[@]}"; do CALIB+=(--calib "$f"); TRAIN+=(--data "$f"); done
   --out "$OUT/layerwise" "${CALIB[@]}" --calib-tokens 16384 --seq-len 512 --overwrite
 # with no data files, moefy train samples its training text from the dense model (and says so)
 .venv/bin/moefy train "$OUT/layerwise" --out "$OUT/recovered" --teacher smollm2-135m "${TRAIN[@]}" \
-  --tokens "$TOKENS" --seq-len 512 --batch-size 4 --eval-every 4 --val-sequences 8 --overwrite
+  --tokens "$TOKENS" --seq-len 512 --batch-size 4 --eval-every 4 --val-sequences 8 --warmup-steps 2 --overwrite
 if [ -f "$SHARED/wikitext2/wiki.test.raw" ]; then
   EVAL="$SHARED/wikitext2/wiki.test.raw"
 else
