@@ -1,10 +1,14 @@
-"""Issue 14.1: which split wins on stories260K (E=4, k=1), and does DOT-MoE's layer-wise
+"""Issue 14.1: which split wins on stories260K (E=4, k=1 or 2), and does DOT-MoE's layer-wise
 training help?  Every variant goes through ``run_convert`` (the code behind ``moefy convert``);
 perplexity on two held-out texts: the issue's ``sample_5_stories.txt`` (1,883 tokens) and the
 last 300 kB of ``validation_head.txt`` (about 149k tokens; calibration reads only its first
 ``--calib-tokens``, so they never overlap).  Prints a table, writes JSON.
 
     OMP_NUM_THREADS=1 python benchmarks/investigate_stories_split.py --calib-tokens 20000
+    OMP_NUM_THREADS=1 python benchmarks/investigate_stories_split.py --calib-tokens 20000 --top-k 1,2 --seeds 0,1,2 \
+        --variants random,act-cluster,param-cluster,dot,dot-best,dot-best-model
+
+With several seeds the table gives each variant's mean and how many seeds it beats param-cluster on.
 """
 
 from __future__ import annotations
@@ -17,20 +21,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-VARIANTS: dict[str, dict[str, object]] = {
-    "random": {"method": "random"},
-    "act-cluster": {"method": "act-cluster"},
-    "param-cluster": {"method": "param-cluster"},
-    "dot (init act-cluster, default)": {},
-    "dot (init param-cluster)": {"init": "param-cluster"},
-    "dot (init random)": {"init": "random"},
-    "dot-frozen (init act-cluster)": {"method": "dot-frozen"},
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {  # key: (table name, ConvertConfig fields)
+    "random": ("random", {"method": "random"}),
+    "act-cluster": ("act-cluster", {"method": "act-cluster"}),
+    "param-cluster": ("param-cluster", {"method": "param-cluster"}),
+    "dot": ("dot (init act-cluster, default)", {}),
+    "dot-param": ("dot (init param-cluster)", {"init": "param-cluster"}),
+    "dot-random": ("dot (init random)", {"init": "random"}),
+    "dot-frozen": ("dot-frozen (init act-cluster)", {"method": "dot-frozen"}),
+    "dot-best": ("dot (init best)", {"init": "best"}),
+    "dot-best-model": ("dot (init best, select model)", {"init": "best", "select": "model"}),
 }
+DEFAULT_VARIANTS = "random,act-cluster,param-cluster,dot,dot-param,dot-random,dot-frozen"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib-tokens", type=int, default=20000)
+    ap.add_argument("--top-k", default="1", help="comma-separated top-k values (E=4)")
+    ap.add_argument("--seeds", default="0", help="comma-separated conversion seeds")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stories_split")
     args = ap.parse_args()
 
@@ -57,32 +67,55 @@ def main() -> None:
     sets = {"five_stories": load_eval_ids(tok, five), "validation_tail": load_eval_ids(tok, tail)}
     dense = AutoModelForCausalLM.from_pretrained(model).eval()
     rows: dict[str, dict[str, object]] = {"dense": {k: perplexity(dense, v, seq_len=256)["ppl"] for k, v in sets.items()}}
-    for name, kw in VARIANTS.items():
-        cfg = ConvertConfig(**{"n_experts": 4, "top_k": 1, "calib_tokens": args.calib_tokens, "seq_len": 256, **kw})  # type: ignore[arg-type]
-        d = tail.parent / "ckpt" / name.split(" ")[0] / (str(kw.get("init", "")) or "default")
-        t0 = time.time()
-        run_convert(str(model), d, cfg, [str(calib)], overwrite=True, log=lambda _m: None)
-        m = AutoModelForCausalLM.from_pretrained(d).eval()
-        rec = json.loads((d / "moefy.json").read_text())
-        reps = rec["layer_reports"]
-        rows[name] = {
-            **{k: perplexity(m, v, seq_len=256)["ppl"] for k, v in sets.items()},
-            "mean_layer_error": sum(r["error_final"] for r in reps) / len(reps),
-            "neurons_moved": [r["neurons_moved"] for r in reps],
-            "seconds": round(time.time() - t0, 1),
-        }
-        print(name, rows[name], flush=True)
+    keys = args.variants.split(",")
+    unknown = [k for k in keys if k not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(v) for v in args.seeds.split(",")]
+    for top_k in (int(v) for v in args.top_k.split(",")):
+        for key in keys:
+            name, kw = VARIANTS[key]
+            for seed in seeds:
+                cfg = ConvertConfig(**{"n_experts": 4, "top_k": top_k, "calib_tokens": args.calib_tokens, "seq_len": 256,
+                                       "seed": seed, **kw})  # type: ignore[arg-type]
+                d = tail.parent / "ckpt" / f"k{top_k}-{key}-s{seed}"
+                t0 = time.time()
+                run_convert(str(model), d, cfg, [str(calib)], overwrite=True, log=lambda _m: None)
+                m = AutoModelForCausalLM.from_pretrained(d).eval()
+                rec = json.loads((d / "moefy.json").read_text())
+                reps = rec["layer_reports"]
+                row = {
+                    "top_k": top_k, "seed": seed, "variant": name,
+                    **{k: perplexity(m, v, seq_len=256)["ppl"] for k, v in sets.items()},
+                    "mean_layer_error": sum(r["error_final"] for r in reps) / len(reps),
+                    "neurons_moved": [r["neurons_moved"] for r in reps],
+                    "init": [r.get("init") for r in reps], "selected": [r.get("selected") for r in reps],
+                    "seconds": round(time.time() - t0, 1),
+                }
+                label = name if len(seeds) == 1 and args.top_k == "1" else f"k{top_k} {name} seed {seed}"
+                rows[label] = row
+                print(label, row, flush=True)
     n5, nt = (int(v.numel()) for v in sets.values())
     print(f"\n| split (calib {args.calib_tokens} tokens) | PPL 5 stories ({n5} tok) | PPL validation tail ({nt} tok) | layer err | moved |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         err = f"{r['mean_layer_error']:.3f}" if "mean_layer_error" in r else "–"
         print(f"| {name} | {r['five_stories']:.2f} | {r['validation_tail']:.2f} | {err} | {sum(r.get('neurons_moved', [])) if 'neurons_moved' in r else '–'} |")
-    out = args.out / f"result-{args.calib_tokens}.json"
+    if len(seeds) > 1:
+        print(f"\n| top-k | split | mean PPL, validation tail ({len(seeds)} seeds) | seeds better than param-cluster |")
+        print("|---|---|---|---|")
+        for top_k in (int(v) for v in args.top_k.split(",")):
+            ref = {r["seed"]: r["validation_tail"] for r in rows.values() if r.get("top_k") == top_k and r.get("variant") == "param-cluster"}
+            for key in keys:
+                name = VARIANTS[key][0]
+                mine = {r["seed"]: r["validation_tail"] for r in rows.values() if r.get("top_k") == top_k and r.get("variant") == name}
+                wins = sum(1 for sd, v in mine.items() if sd in ref and v < ref[sd]) if ref and name != "param-cluster" else None
+                print(f"| {top_k} | {name} | {sum(mine.values()) / len(mine):.2f} | {'–' if wins is None else f'{wins}/{len(mine)}'} |")
+    tag = "" if len(seeds) == 1 and args.top_k == "1" else f"-k{args.top_k.replace(',', '')}-s{args.seeds.replace(',', '')}"
+    out = args.out / f"result-{args.calib_tokens}{tag}.json"
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps({"calib_tokens": args.calib_tokens, "eval_tokens": {"five_stories": n5, "validation_tail": nt}, "rows": rows}, indent=2))
     os.replace(tmp, out)
-
 
 if __name__ == "__main__":
     main()
