@@ -25,7 +25,7 @@ for f in "${DATA[@]}"; do CALIB+=(--calib "$f"); TRAIN+=(--data "$f"); done
   --out "$OUT/layerwise" "${CALIB[@]}" --calib-tokens 16384 --seq-len 512 --overwrite
 # with no data files, moefy train samples its training text from the dense model (and says so)
 .venv/bin/moefy train "$OUT/layerwise" --out "$OUT/recovered" --teacher smollm2-135m "${TRAIN[@]}" \
-  --tokens "$TOKENS" --seq-len 512 --batch-size 4 --eval-every 4 --val-sequences 8 --warmup-steps 2 --overwrite
+  --tokens "$TOKENS" --seq-len 512 --batch-size 4 --eval-every 6 --val-sequences 8 --warmup-steps 2 --overwrite
 if [ -f "$SHARED/wikitext2/wiki.test.raw" ]; then
   EVAL="$SHARED/wikitext2/wiki.test.raw"
 else
