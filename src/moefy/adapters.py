@@ -95,6 +95,12 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
+def passthrough_layer(*args: object, **kwargs: object) -> object:
+    """A decoder layer's forward that returns its input hidden states unchanged (set as
+    ``layer.forward`` to skip a layer in a model's own forward; ``del layer.forward`` restores it)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
 

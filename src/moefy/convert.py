@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from .activations import ActivationStore
-from .adapters import Adapter, get_adapter
+from .adapters import Adapter, get_adapter, passthrough_layer
 from .config import BEST_INIT_CANDIDATES, ConvertConfig
 from .dotmoe import DotMoeLayer
 from .errors import ConfigError
 from .layerwise import LayerReport, fit_layer
-from .model_select import HeldOutKL
+from .model_select import HeldOutKL, n_held_out
 from .splits import (
     Split,
     act_cluster_split,
@@ -97,12 +97,9 @@ def capture_inputs(
 
         return fn
 
-    def passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
-
     handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     for layer in layers:
-        layer.forward = passthrough  # type: ignore[method-assign]
+        layer.forward = passthrough_layer  # type: ignore[method-assign]
     try:
         for b, ids in enumerate(batches):
             stop_at[0] = len(layers) - 1 if b == 0 else 0
@@ -189,7 +186,7 @@ def make_layer(mlp: nn.Module, adapter: Adapter, config: Any, split: Split, cfg:
 def _split_train_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float) -> tuple[torch.Tensor, ...]:
     """Hold out the last sequences (not random tokens: neighbours would leak)."""
     n_seq = x.shape[0]
-    n_val = min(max(1, int(round(n_seq * val_fraction))), n_seq - 1) if n_seq > 1 else 0
+    n_val = n_held_out(n_seq, val_fraction)
     d = x.shape[-1]
     if n_val == 0:
         flat_x, flat_y = x.reshape(-1, d), y.reshape(-1, d)
@@ -274,15 +271,15 @@ def layerwise_stage(
     layers = adapter.layers(model)
     chosen = layers_to_convert(cfg, len(layers))
     restored = restored or {}
+    todo = [i for i in chosen if i not in restored and i not in finished]
     scorer = None
-    if cfg.select == "model" and [i for i in chosen if i not in restored and i not in finished]:
+    if cfg.select == "model" and todo:
         if host is not None and not isinstance(host, InMemoryHost):
             raise ConfigError("--select model needs the whole model in memory; convert without layer-by-layer onloading (--no-onload)")
         scorer = HeldOutKL(model, adapter, calib, cfg.val_fraction)  # the dense model's held-out logits, first
     for i in chosen:
         if i in restored:
             layers[i].mlp = restored[i]
-    todo = [i for i in chosen if i not in restored and i not in finished]
     if not todo:  # a resumed run with every layer already fitted: no calibration forward needed
         if progress is not None:
             progress("layer-wise", len(layers), len(layers))
@@ -346,30 +343,30 @@ def _model_scorer(
 def _best_initial_split(
     layer: nn.Module, mlp: nn.Module, adapter: Adapter, config: Any, ffn: Any, h_sample: torch.Tensor, cfg: ConvertConfig,
     i: int, n_converted: int, data: tuple[torch.Tensor, ...], select: Callable[[], float] | None,
-) -> tuple[Split, dict[str, float]]:
+) -> tuple[str, dict[str, float], dict[str, tuple[DotMoeLayer, LayerReport]]]:
     """``--init best``: each candidate heuristic split (``BEST_INIT_CANDIDATES``) fitted without
     training (least-squares router, the configured weight refit) and scored on held-out tokens:
     by the layer's held-out error, or with ``select`` by the model's held-out KL.  Returns the
-    best split and every candidate's score."""
+    best kind, every candidate's score, and each candidate's fitted layer and report."""
     scores: dict[str, float] = {}
-    splits: dict[str, Split] = {}
+    fitted: dict[str, tuple[DotMoeLayer, LayerReport]] = {}
     for kind in BEST_INIT_CANDIDATES:
         split = initial_split(kind, kind, ffn, h_sample, cfg, cfg.seed + i)
-        splits[kind] = Split(split.shared.cpu(), [e.cpu() for e in split.experts])
+        split = Split(split.shared.cpu(), [e.cpu() for e in split.experts])
         fixed = replace(cfg, method=kind, steps=0)
-        cand = make_layer(mlp, adapter, config, splits[kind], fixed)
+        cand = make_layer(mlp, adapter, config, split, fixed)
         cand.k_budget = mean_budget(cfg, n_converted)
-        rep = fit_layer(cand, *data, fixed, i)
-        if select is None:
-            scores[kind] = rep.error_final
-            continue
+        fitted[kind] = cand, fit_layer(cand, *data, fixed, i)
         cand.eval()
+        if select is None:
+            scores[kind] = fitted[kind][1].error_final
+            continue
         layer.mlp = cand.to_moe_mlp(dtype=adapter.ffn_weights(mlp).gate.dtype)
         try:
             scores[kind] = select()
         finally:
             layer.mlp = mlp
-    return splits[min(scores, key=scores.__getitem__)], scores
+    return min(scores, key=scores.__getitem__), scores, fitted
 
 
 def _convert_layer(
@@ -394,26 +391,31 @@ def _convert_layer(
             seed=cfg.seed + i,
         )
     data = (x_tr, y_tr, x_val, y_val)
-    init_scores = None
+    best = None
     if cfg.init == "best" and cfg.method in ("dot", "dot-frozen"):
-        split, init_scores = _best_initial_split(layer, mlp, adapter, config, ffn, h_sample, cfg, i, n_converted, data, select)
+        kind, init_scores, fitted = _best_initial_split(layer, mlp, adapter, config, ffn, h_sample, cfg, i, n_converted, data, select)
+        best = kind, init_scores, fitted[kind]
+        split = best[2][0].split()
     else:
         split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
     split = Split(split.shared.cpu(), [e.cpu() for e in split.experts])  # index bookkeeping on the CPU
     del h_sample
     dot = make_layer(mlp, adapter, config, split, cfg)
     dot.k_budget = mean_budget(cfg, n_converted)
-    base = make_layer(mlp, adapter, config, split, cfg) if select is not None else None
-    report = fit_layer(dot, x_tr, y_tr, x_val, y_val, cfg, i)
-    if init_scores is not None:
-        report.init, report.init_scores = min(init_scores, key=init_scores.__getitem__), init_scores
+    report = fit_layer(dot, *data, cfg, i)
+    if best is not None:
+        report.init, report.init_scores = best[0], best[1]
     dot.eval()
     layer.mlp = dot.to_moe_mlp(dtype=dtype)
-    if base is None or report.steps == 0:
+    if select is None or report.steps == 0:
         return report
-    base.k_budget = dot.k_budget
-    base_report = fit_layer(base, x_tr, y_tr, x_val, y_val, replace(cfg, steps=0), i)
-    base.eval()
+    if best is not None:  # the chosen start, already fitted without training
+        base, base_report = best[2]
+    else:
+        base = make_layer(mlp, adapter, config, split, cfg)
+        base.k_budget = dot.k_budget
+        base_report = fit_layer(base, *data, replace(cfg, steps=0), i)
+        base.eval()
     trained_kl = select()
     layer.mlp = base.to_moe_mlp(dtype=dtype)
     initial_kl = select()

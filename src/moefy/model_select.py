@@ -27,17 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter
+from .adapters import Adapter, passthrough_layer
 from .errors import ConfigError
 
 
 def n_held_out(n_seq: int, val_fraction: float) -> int:
-    """How many calibration sequences the layer-wise stage holds out (the last ones)."""
+    """How many calibration sequences the layer-wise stage holds out (the last ones; the one
+    rule, used by :func:`moefy.convert._split_train_val` too)."""
     return min(max(1, int(round(n_seq * val_fraction))), n_seq - 1) if n_seq > 1 else 0
-
-
-def _passthrough(*args: Any, **kwargs: Any) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 class HeldOutKL:
@@ -75,7 +72,7 @@ class HeldOutKL:
 
         below = list(self.layers)[:i]
         for layer in below:
-            layer.forward = _passthrough  # type: ignore[method-assign]
+            layer.forward = passthrough_layer  # type: ignore[method-assign]
         handle = self.layers[i].register_forward_pre_hook(inject, with_kwargs=True)
         total, count = 0.0, 0
         try:
