@@ -4,8 +4,9 @@ One layout per run (its own process, so peak RSS is that layout's):
 
 1. layer-wise conversion (``moefy convert``) on the first ``--calib-tokens`` of WikiText-2 valid
    (reused when ``OUT/<layout>/lw`` exists);
-2. ``moefy train`` on WikiText-2 valid (the held-out sequences are its first ``--val-sequences``,
-   never trained on); every ``--eval-tokens`` the perplexity of the student on the first
+2. ``moefy train`` on WikiText-2 valid past the calibration tokens (``moefy train`` skips the
+   checkpoint's calibration text; the held-out sequences are the next ``--val-sequences``, never
+   trained on); every ``--eval-tokens`` the perplexity of the student on the first
    ``--curve-windows`` 1024-token windows of WikiText-2 raw test is measured in process (hard
    routing: the exported model's function), giving the curve;
 3. the exported checkpoint's perplexity on the full test set (``--full-test``), and that of the

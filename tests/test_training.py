@@ -350,3 +350,33 @@ def test_val_data_is_the_held_out_text_and_training_uses_all_of_data(stories_moe
     run_train(stories_moe, tmp_path / "v", small_cfg(tokens=64 * 4 * 2, eval_every=2, val_sequences=2),
               [str(TINYSTORIES)], teacher=str(STORIES), val_data=[str(SAMPLE5)], log=QUIET)
     assert list(seen) == [str(SAMPLE5)] and seen[str(SAMPLE5)].shape == (2, 64)
+
+
+def test_held_out_text_skips_the_calibration_tokens(stories_moe, tmp_path, monkeypatch):
+    """Training on the checkpoint's own calibration file: the held-out sequences (and the
+    training stream) start past the tokens the layer-wise stage fitted, and the record says so."""
+    from moefy.calibration import from_files
+    from transformers import AutoTokenizer
+
+    from moefy.training.run import calibration_skip, run_train
+
+    record = json.loads((stories_moe / "moefy.json").read_text())
+    skip, note = calibration_skip(record, [TINYSTORIES])
+    cal = record["calibration"]
+    assert skip >= cal["sequences"] * cal["seq_len"] and "calibration text" in note
+    assert calibration_skip(record, [SAMPLE5]) == (0, "")
+    tok = AutoTokenizer.from_pretrained(stories_moe)
+    calib = from_files(tok, [str(TINYSTORIES)], cal["tokens"], cal["seq_len"]).ids
+    text = "," + ",".join(map(str, calib[:, 1:].reshape(-1).tolist())) + ","  # the fitted tokens, BOS dropped
+
+    def overlaps(rows: torch.Tensor) -> bool:  # any held-out row's first 16 tokens among them
+        return any("," + ",".join(map(str, r[1:17].tolist())) + "," in text for r in rows)
+
+    plain = PackedData(tok, [str(TINYSTORIES)], 64, val_sequences=4)
+    assert overlaps(plain.val_rows())  # without the skip the held-out set is calibration text
+    skipped = PackedData(tok, [str(TINYSTORIES)], 64, val_sequences=4, skip_tokens=skip)
+    assert not overlaps(skipped.val_rows())
+    res = run_train(stories_moe, tmp_path / "t", small_cfg(tokens=64 * 4 * 2, eval_every=2, val_sequences=2),
+                    [str(TINYSTORIES)], teacher=str(STORIES), log=QUIET)
+    entry = res.record["training"][-1]
+    assert f"after the first {skip} tokens" in entry["data"]

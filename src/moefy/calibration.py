@@ -129,6 +129,15 @@ def from_files(tokenizer: object, paths: list[str], n_tokens: int, seq_len: int,
     return CalibrationSet(ids, "files: " + ", ".join(str(Path(p)) for p in paths))
 
 
+def calib_files(source: str) -> list[str]:
+    """The calibration files (absolute paths) a :class:`CalibrationSet` ``source`` names; ``[]``
+    for data-free calibration.  ``moefy train`` uses it to keep its held-out and training text
+    off the tokens the layer-wise stage fitted (:func:`moefy.training.run.calibration_skip`)."""
+    if not source.startswith("files: "):
+        return []
+    return [str(Path(p).expanduser().resolve()) for p in source[len("files: "):].split(", ") if p]
+
+
 @torch.no_grad()
 def sample_from_model(
     model: torch.nn.Module, tokenizer: object, n_tokens: int, seq_len: int, seed: int = 0, batch: int = 8

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__, testing_hooks
 from .adapters import get_adapter
-from .calibration import CalibrationSet, check_paths, from_files, sample_from_model
+from .calibration import CalibrationSet, calib_files, check_paths, from_files, sample_from_model
 from .config import ConvertConfig, resolve_device
 from .convert import active_fraction, layerwise_stage, summary
 from .errors import ConfigError, OutputExistsError
@@ -436,7 +436,8 @@ def build_record(
         "active_fraction": active_fraction(cfg, d_ffn),
         "stage": cfg.stage,
         "router": cfg.router,
-        "calibration": {"source": calib.source, "tokens": calib.n_tokens, "sequences": int(calib.ids.shape[0]), "seq_len": int(calib.ids.shape[1])},
+        "calibration": {"source": calib.source, "tokens": calib.n_tokens, "sequences": int(calib.ids.shape[0]),
+                        "seq_len": int(calib.ids.shape[1]), "files": calib_files(calib.source)},
         "config": cfg.to_dict(),
         "dtype": cfg.dtype,
         **({"loading": loading} if loading is not None else {}),
