@@ -352,12 +352,12 @@ def test_val_data_is_the_held_out_text_and_training_uses_all_of_data(stories_moe
     assert list(seen) == [str(SAMPLE5)] and seen[str(SAMPLE5)].shape == (2, 64)
 
 
-def test_held_out_text_skips_the_calibration_tokens(stories_moe, tmp_path, monkeypatch):
+def test_held_out_text_skips_the_calibration_tokens(stories_moe, tmp_path):
     """Training on the checkpoint's own calibration file: the held-out sequences (and the
     training stream) start past the tokens the layer-wise stage fitted, and the record says so."""
-    from moefy.calibration import from_files
     from transformers import AutoTokenizer
 
+    from moefy.calibration import from_files
     from moefy.training.run import calibration_skip, run_train
 
     record = json.loads((stories_moe / "moefy.json").read_text())

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..calibration import calib_files
 from ..errors import ConfigError, ModelNotFoundError, OutputExistsError, TeacherMismatchError
 from ..export import save_checkpoint
 from ..hf.modeling_moefy import MoefyForCausalLM
@@ -128,7 +129,7 @@ def calibration_skip(record: dict[str, Any], files: list[Path]) -> tuple[int, st
     The layer-wise stage fitted its routers, split and ridge refit on the first ``sequences x
     seq_len`` tokens of its calibration files, read in order.  Measured on SmolLM2-135M (E=8,
     k=2, 16,384 tokens of WikiText-2 valid): the converted model scores 2.3x dense perplexity on
-    those tokens but 4.7x on later valid text, so a held-out set drawn from them reports a
+    those tokens but 3.6-4.7x on later valid text, so a held-out set drawn from them reports a
     model far better than it is.  When ``files`` opens with the calibration's first file the
     same tokens open this stream: they are skipped, plus one sequence of margin (the two
     readers' windows differ by a BOS).  A calibration file later in ``files`` only adds its
@@ -136,9 +137,7 @@ def calibration_skip(record: dict[str, Any], files: list[Path]) -> tuple[int, st
     files while ``files`` starts inside one of its later files is reported, not guessed at."""
     cal = record.get("calibration") or {}
     cfiles = cal.get("files")
-    if cfiles is None:
-        from ..calibration import calib_files
-
+    if cfiles is None:  # checkpoints written before the files were recorded
         cfiles = calib_files(str(cal.get("source", "")))
     if not cfiles or not files:
         return 0, ""
