@@ -380,3 +380,27 @@ def test_held_out_text_skips_the_calibration_tokens(stories_moe, tmp_path):
                     [str(TINYSTORIES)], teacher=str(STORIES), log=QUIET)
     entry = res.record["training"][-1]
     assert f"after the first {skip} tokens" in entry["data"]
+
+
+@needs_shared()
+def test_convert_stage_both_skips_the_calibration_tokens(tmp_path):
+    """``moefy convert --stage both`` applies the same rule as ``moefy train``: its end-to-end
+    stream skips the calibration tokens, also when --train-data names the calibration file."""
+    from moefy.config import ConvertConfig
+    from moefy.runner import run_convert
+    from moefy.training.run import calibration_skip
+
+    cfg = ConvertConfig(n_experts=4, top_k=2, calib_tokens=1024, seq_len=64, steps=2, stage="both",
+                        e2e_steps=2, e2e_batch=2, e2e_eval_every=1, e2e_val_sequences=2, seed=1)
+    for name, train in (("calib", None), ("train", [str(TINYSTORIES)]), ("other", [str(SAMPLE5)])):
+        lines: list[str] = []
+        run_convert(str(STORIES), tmp_path / name, cfg, [str(TINYSTORIES)], log=lambda m: lines.append(str(m)),
+                    train_files=train)
+        record = json.loads((tmp_path / name / "moefy.json").read_text())
+        skip, _ = calibration_skip(record, train or [TINYSTORIES])
+        said = [m for m in lines if m.startswith("end-to-end: training on")]
+        assert len(said) == 1
+        if name == "other":
+            assert skip == 0 and "after the first" not in said[0]
+        else:
+            assert skip > 0 and f"after the first {skip} tokens (the calibration text)" in said[0]

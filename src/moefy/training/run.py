@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -122,7 +123,7 @@ def finish(
     return record
 
 
-def calibration_skip(record: dict[str, Any], files: list[Path]) -> tuple[int, str]:
+def calibration_skip(record: dict[str, Any], files: Sequence[str | Path]) -> tuple[int, str]:
     """Stream tokens ``moefy train`` drops from ``files`` so that its held-out sequences (and
     its training) start past the text the layer-wise stage fitted, with a note for the log.
 
@@ -281,12 +282,16 @@ def convert_stage(
     accelerator = make_accelerator(tcfg)
     state = TrainState(work_path / "e2e", fingerprint_blob(tcfg))
     state.open()
-    body = ccfg.seq_len - (1 if getattr(tok, "bos_token_id", None) is not None else 0)
-    if train_files:
-        specs, skip, desc = list(train_files), 0, ", ".join(train_files)
-    elif calib_files:
-        skip = int(calib_ids.shape[0]) * body + ccfg.seq_len  # past the calibration windows, with a margin
-        specs, desc = list(calib_files), f"{', '.join(calib_files)} after the first {skip} tokens (the calibration text)"
+    if train_files or calib_files:
+        # the same rule as `moefy train` on a saved checkpoint: skip the calibration tokens when
+        # the stream opens with the calibration's first file (also when --train-data names it)
+        specs = list(train_files or calib_files)
+        cal = {"files": [str(Path(f).expanduser().resolve()) for f in calib_files],
+               "sequences": int(calib_ids.shape[0]), "seq_len": ccfg.seq_len}
+        skip, note = calibration_skip({"calibration": cal}, specs)
+        if note.startswith("warning"):
+            log(note)
+        desc = ", ".join(specs) + (f" after the first {skip} tokens (the calibration text)" if skip else "")
     else:
         cache = work_path / "e2e_data_free"
         sample_data_free(teacher_model, tok, tcfg.tokens + tcfg.val_sequences * tcfg.seq_len, tcfg.seq_len, cache,
