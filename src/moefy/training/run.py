@@ -123,6 +123,11 @@ def finish(
     return record
 
 
+def skipped_note(skip: int) -> str:
+    """What a data description adds when :func:`calibration_skip` dropped ``skip`` tokens."""
+    return f" after the first {skip} tokens (the calibration text)" if skip else ""
+
+
 def calibration_skip(record: dict[str, Any], files: Sequence[str | Path]) -> tuple[int, str]:
     """Stream tokens ``moefy train`` drops from ``files`` so that its held-out sequences (and
     its training) start past the text the layer-wise stage fitted, with a note for the log.
@@ -200,8 +205,7 @@ def run_train(
     skip, note = calibration_skip(record, files)
     if note:
         log(note)
-    if skip:
-        data_desc += f" after the first {skip} tokens (the calibration text)"
+    data_desc += skipped_note(skip)
     stream = PackedData(tok, specs, cfg.seq_len, seed=cfg.seed, val_sequences=0 if val_files else cfg.val_sequences,
                         skip_tokens=skip, shuffle_window=cfg.shuffle_window)
     held = None
@@ -211,8 +215,7 @@ def run_train(
             log(vnote.replace("skipping", "held out: skipping"))
         held = PackedData(tok, [str(f) for f in val_files], cfg.seq_len, seed=cfg.seed, val_sequences=cfg.val_sequences,
                           skip_tokens=vskip)
-        val_desc = f"first {cfg.val_sequences} sequences of {', '.join(str(f) for f in val_files)}" + (
-            f" after the first {vskip} tokens (the calibration text)" if vskip else "")
+        val_desc = f"first {cfg.val_sequences} sequences of {', '.join(str(f) for f in val_files)}" + skipped_note(vskip)
     else:
         val_desc = f"first {cfg.val_sequences} sequences of the training data (never trained on)"
     log(f"data: {data_desc}; held out: {val_desc}")
@@ -289,9 +292,9 @@ def convert_stage(
         cal = {"files": [str(Path(f).expanduser().resolve()) for f in calib_files],
                "sequences": int(calib_ids.shape[0]), "seq_len": ccfg.seq_len}
         skip, note = calibration_skip({"calibration": cal}, specs)
-        if note.startswith("warning"):
+        if note and not skip:  # a warning; a skip is said by the description
             log(note)
-        desc = ", ".join(specs) + (f" after the first {skip} tokens (the calibration text)" if skip else "")
+        desc = ", ".join(specs) + skipped_note(skip)
     else:
         cache = work_path / "e2e_data_free"
         sample_data_free(teacher_model, tok, tcfg.tokens + tcfg.val_sequences * tcfg.seq_len, tcfg.seq_len, cache,
