@@ -58,6 +58,10 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "calib_size")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--calib-text", choices=("valid", "valid-no-unk", "data-free"), default="valid",
+                    help="what the conversion fits: WikiText-2 valid (word-level); the same with every `<unk>` "
+                         "removed (written under the system temp dir, never into the project); or text sampled "
+                         "from the dense model (moefy's data-free calibration)")
     args = ap.parse_args()
     valid, test = SHARED / "wiki.valid.tokens", SHARED / "wiki.test.raw"
     if not valid.is_file() or not test.is_file():
@@ -73,6 +77,16 @@ def main() -> None:
     from moefy.runner import run_convert
     from moefy.training.data import PackedData
 
+    calib_specs = [str(valid)]
+    if args.calib_text == "valid-no-unk":
+        import tempfile
+
+        derived = Path(tempfile.gettempdir()) / "moefy-bench" / "wiki.valid.no-unk.txt"
+        derived.parent.mkdir(parents=True, exist_ok=True)
+        derived.write_text(valid.read_text(encoding="utf-8").replace(" <unk>", ""), encoding="utf-8")
+        calib_specs = [str(derived)]
+    elif args.calib_text == "data-free":
+        calib_specs = []
     E, k, shared, shared_by = LAYOUTS[args.layout]
     settings = {kv.partition("=")[0]: yaml.safe_load(kv.partition("=")[2]) for kv in args.extra}
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -87,6 +101,8 @@ def main() -> None:
     def score(m: torch.nn.Module) -> dict[str, float]:
         return {name: ppl(m, rows, 4 if rows.shape[1] == 512 else 2) for name, rows in texts.items()}
 
+    if args.calib_text != "valid" and not args.tag:
+        args.tag = f"-{args.calib_text}"
     rows: list[dict] = [{"model": "dense", "calib_tokens": 0, **score(dense.model.eval())}]
     print(rows[-1], flush=True)
     del dense
@@ -96,7 +112,7 @@ def main() -> None:
         if not (path / "moefy.json").is_file():
             cfg = ConvertConfig(n_experts=E, top_k=k, n_shared=shared, shared_by=shared_by, calib_tokens=n, seq_len=512,
                                 **settings)
-            run_convert(args.model, path, cfg, [str(valid)], overwrite=True, log=lambda m: print("convert:", m, flush=True))
+            run_convert(args.model, path, cfg, calib_specs, overwrite=True, log=lambda m: print("convert:", m, flush=True))
             convert_s = round(time.time() - t0, 1)
         else:
             convert_s = json.loads((path / "moefy.json").read_text()).get("wall_seconds")
@@ -115,7 +131,7 @@ def main() -> None:
     out = args.json or args.out / f"{args.layout}{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"layout": args.layout, "extra": args.extra, "rows": rows, "threads": torch.get_num_threads(),
+    tmp.write_text(json.dumps({"layout": args.layout, "extra": args.extra, "calib_text": args.calib_text, "rows": rows, "threads": torch.get_num_threads(),
                                "unseen_valid_from_sequence": UNSEEN_FROM, "command": "python benchmarks/bench_calib_size.py "
                                + " ".join(sys.argv[1:])}, indent=1))
     os.replace(tmp, out)
