@@ -7,8 +7,8 @@ One layout per run (its own process, so peak RSS is that layout's):
 2. ``moefy train`` on WikiText-2 valid past the calibration tokens (``moefy train`` skips the
    checkpoint's calibration text; the held-out sequences are the next ``--val-sequences``, never
    trained on); every ``--eval-tokens`` the perplexity of the student on the first
-   ``--curve-windows`` 1024-token windows of WikiText-2 raw test is measured in process (hard
-   routing: the exported model's function), giving the curve;
+   ``--curve-windows`` 1024-token windows of WikiText-2 raw test (``0``: all of them, the full test)
+   is measured in process (hard routing: the exported model's function), giving the curve;
 3. the exported checkpoint's perplexity on the full test set (``--full-test``), and that of the
    layer-wise checkpoint, through ``moefy.evaluate.perplexity`` (the same code as ``moefy eval``);
 4. dense fine-tuning tokens/s with the same loss and batch, for the overhead ratio.
@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--eval-tokens", type=int, default=24_576, help="curve point every this many training tokens")
-    ap.add_argument("--curve-windows", type=int, default=16)
+    ap.add_argument("--curve-windows", type=int, default=16, help="0: every 1024-token window of the test set (the full test)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--full-test", action="store_true")
@@ -109,6 +109,8 @@ def main() -> None:
     convert_s = time.time() - t0
     tok = load(args.model).tokenizer
     test_ids = load_eval_ids(tok, test)
+    if args.curve_windows == 0:  # the full test at every curve point: the windows of `moefy eval --seq-len 1024`
+        args.curve_windows = test_ids.numel() // 1024
     curve_ids = test_ids[: args.curve_windows * 1024].view(args.curve_windows, 1024)
 
     @torch.no_grad()
