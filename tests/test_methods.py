@@ -113,6 +113,28 @@ def test_weight_adaptation_never_worsens_held_out_error(weights):
     assert rep.error_final < rep.error_routed  # the adaptation found something on this easy case
 
 
+def test_fixed_ridge_gamma_is_the_one_used_and_bad_values_are_config_errors():
+    from moefy.config import RIDGE_GAMMAS, ConfigError
+    from moefy.dotmoe import DotMoeLayer
+    from moefy.layerwise import fit_layer
+
+    torch.manual_seed(0)
+    ffn = _ffn(n=64, d=16)
+    x = torch.randn(2048, 16)
+    y = (torch.nn.functional.silu(x @ ffn.gate.T) * (x @ ffn.up.T)) @ ffn.down.T
+    split = random_split(64, 4, 0)
+    chosen = {}
+    for gamma in (None, 1.0):
+        cfg = ConvertConfig(n_experts=4, top_k=1, steps=4, eval_every=2, ridge_gamma=gamma)
+        layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", split, 1)
+        chosen[gamma] = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0).ridge_gamma
+    assert chosen[None] in RIDGE_GAMMAS  # chosen on held-out tokens from the grid
+    assert chosen[1.0] in (1.0, None)  # the fixed strength, or no refit if it does not help
+    for bad in (0.0, -1.0, "strong", True):
+        with pytest.raises(ConfigError, match="ridge_gamma"):
+            ConvertConfig(ridge_gamma=bad).validate(64)
+
+
 def test_token_weights_cap_outliers_only():
     from moefy.layerwise import relative_error, token_weights
 

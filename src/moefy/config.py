@@ -14,6 +14,7 @@ DEVICES = "cpu, cuda, cuda:N or auto"
 METHODS = ("dot", "dot-frozen", "random", "param-cluster", "act-cluster", "prune")
 STAGES = ("layerwise", "e2e", "both")
 WEIGHT_MODES = ("none", "ridge", "grad", "grad+ridge")
+RIDGE_GAMMAS = (1e-3, 1e-2, 1e-1, 1.0)  # the held-out choice of the ridge refit's strength
 INITS = ("act-cluster", "param-cluster", "random", "best")
 # --init best: each layer starts from whichever of these splits scores lower on held-out tokens
 BEST_INIT_CANDIDATES = ("act-cluster", "param-cluster")
@@ -55,6 +56,9 @@ class ConvertConfig:
     # model's logits; moefy.model_select)
     select: str = "layer"
     weights: str = "ridge"
+    # ridge refit's pull toward the dense W_down (lam = gamma x mean diag of the Gram matrix): None
+    # chooses gamma per layer on held-out calibration tokens from RIDGE_GAMMAS; a number fixes it
+    ridge_gamma: float | None = None
     weight_steps: int = 150
     # layer loss: "clip" caps each token's share of ||y||^2 at token_clip x the median token
     # (outlier "massive activation" tokens otherwise own 80-99% of the loss in some layers)
@@ -133,6 +137,10 @@ class ConvertConfig:
             raise ConfigError(f"unknown --stage {self.stage!r}; choose one of {', '.join(STAGES)}")
         if self.weights not in WEIGHT_MODES:
             raise ConfigError(f"unknown --weights {self.weights!r}; choose one of {', '.join(WEIGHT_MODES)}")
+        if self.ridge_gamma is not None and (
+            isinstance(self.ridge_gamma, bool) or not isinstance(self.ridge_gamma, (int, float)) or not self.ridge_gamma > 0
+        ):
+            raise ConfigError(f"ridge_gamma must be a positive number (or unset: chosen on held-out tokens), got {self.ridge_gamma!r}")
         if self.shared_by not in ("rate", "importance"):
             raise ConfigError(f"unknown --shared-by {self.shared_by!r}; choose rate or importance")
         if self.token_weighting not in ("clip", "none"):

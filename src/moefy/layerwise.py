@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConvertConfig
+from .config import RIDGE_GAMMAS, ConvertConfig
 from .dotmoe import DotMoeLayer
 from .errors import NonFiniteLossError
 from .ot import geometric_schedule
@@ -319,7 +319,7 @@ def train_routing(layer: DotMoeLayer, data: _Data, cfg: ConvertConfig, layer_idx
 def ridge_refit_down(
     layer: DotMoeLayer,
     data: _Data,
-    gammas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0),
+    gammas: tuple[float, ...] = RIDGE_GAMMAS,
     chunk: int = 8192,
 ) -> tuple[float, float | None]:
     """Refit ``W_down`` for the fixed routing: ``min sum_t w_t ||z_t W - y_t||^2 + lam ||W - W_down||^2``
@@ -432,7 +432,8 @@ def fit_layer(
     if cfg.weights in ("grad", "grad+ridge"):
         err = train_weights(layer, data, cfg, layer_idx, gen)
     if cfg.weights in ("ridge", "grad+ridge"):
-        err, report.ridge_gamma = ridge_refit_down(layer, data)
+        gammas = RIDGE_GAMMAS if cfg.ridge_gamma is None else (float(cfg.ridge_gamma),)
+        err, report.ridge_gamma = ridge_refit_down(layer, data, gammas)
     report.error_final = err
     with torch.no_grad():
         layer(x_val[:8192])
