@@ -149,9 +149,9 @@ def _e2e_interrupt_then_resume(tmp_path, pytest) -> None:
     assert res.record["e2e_best_step"] == ref.record["e2e_best_step"]
     # The held-out KL after the resume is computed from bit-identical weights but, in session 18
     # (transformers 5.25.0, torch 2.13.0), differed from the uninterrupted run's in the 8th digit
-    # (1.80213063955307 against 1.8021307587623596), reproducibly, at one thread: an evaluation
-    # numerics difference between a process that evaluated before (step 0) and one whose first
-    # evaluation is this one; not isolated. The weights and losses above are what resuming must keep.
+    # (1.80213063955307 against 1.8021307587623596), reproducibly, at one thread. The likeliest
+    # difference is that the resumed process's first evaluation is this one (the uninterrupted one
+    # evaluated at step 0 too); not isolated. The weights and losses above are what resuming must keep.
     ref_val, res_val = ref.record["e2e_val_kl"], res.record["e2e_val_kl"]
     assert [v["step"] for v in res_val] == [v["step"] for v in ref_val]
     for r, q in zip(ref_val, res_val):
