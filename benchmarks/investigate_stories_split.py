@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--top-k", default="1", help="comma-separated top-k values (E=4)")
     ap.add_argument("--seeds", default="0", help="comma-separated conversion seeds")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated: {', '.join(VARIANTS)}")
+    ap.add_argument("--drift-correction", type=float, default=0.0, help="ConvertConfig.drift_correction for every variant")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "stories_split")
     args = ap.parse_args()
 
@@ -77,7 +78,7 @@ def main() -> None:
             name, kw = VARIANTS[key]
             for seed in seeds:
                 cfg = ConvertConfig(**{"n_experts": 4, "top_k": top_k, "calib_tokens": args.calib_tokens, "seq_len": 256,
-                                       "seed": seed, **kw})  # type: ignore[arg-type]
+                                       "seed": seed, "drift_correction": args.drift_correction, **kw})  # type: ignore[arg-type]
                 d = tail.parent / "ckpt" / f"k{top_k}-{key}-s{seed}"
                 t0 = time.time()
                 run_convert(str(model), d, cfg, [str(calib)], overwrite=True, log=lambda _m: None)
@@ -112,9 +113,11 @@ def main() -> None:
                 wins = sum(1 for sd, v in mine.items() if sd in ref and v < ref[sd]) if ref and name != "param-cluster" else None
                 print(f"| {top_k} | {name} | {sum(mine.values()) / len(mine):.2f} | {'–' if wins is None else f'{wins}/{len(mine)}'} |")
     tag = "" if len(seeds) == 1 and args.top_k == "1" else f"-k{args.top_k.replace(',', '')}-s{args.seeds.replace(',', '')}"
+    if args.drift_correction:
+        tag += f"-drift{args.drift_correction:g}"
     out = args.out / f"result-{args.calib_tokens}{tag}.json"
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"calib_tokens": args.calib_tokens, "eval_tokens": {"five_stories": n5, "validation_tail": nt}, "rows": rows}, indent=2))
+    tmp.write_text(json.dumps({"calib_tokens": args.calib_tokens, "drift_correction": args.drift_correction, "eval_tokens": {"five_stories": n5, "validation_tail": nt}, "rows": rows}, indent=2))
     os.replace(tmp, out)
 
 if __name__ == "__main__":

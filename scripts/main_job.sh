@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, SmolLM2-135M, at 25% of FFN neurons active per token:
 #   1. layer-wise DOT-MoE conversion with the measured-best 25% layout (288 always-active
-#      neurons chosen by importance + 2 of 26 routed experts; docs/BENCHMARKS.md section 6);
+#      neurons chosen by importance + 2 of 26 routed experts; docs/BENCHMARKS.md section 6), each
+#      layer's target also undoing half the drift from the dense model's stream (--drift-correction
+#      0.5, the default for shared layouts; 6.9);
 #   2. a short recovery training (moefy train) of the whole network against the dense model
 #      (moefy's default learning rates: in this 12-step run 3x kept step 4 and scored worse; 2 warmup
-#      steps instead of the default 10, which would leave a 12-step run at its peak rate only at the end, 7.1b);
+#      steps instead of the default 10, which would leave a 12-step run at its peak rate only at the end, 7.1b;
+#      KL plus the LM cross-entropy at half its weight, --ce-weight 0.5: -5.7% in this job's stages, 7.1b);
 #   3. dense vs MoE (layer-wise) vs MoE (recovered) perplexity, side by side, on the first 40
 #      windows of 1024 tokens of WikiText-2 test (about 20 min on 2 CPU cores in all).
 # Calibration and training text: WikiText-2 valid; evaluation: WikiText-2 test (disjoint).
@@ -22,10 +25,10 @@ CALIB=()
 TRAIN=()
 for f in "${DATA[@]}"; do CALIB+=(--calib "$f"); TRAIN+=(--data "$f"); done
 .venv/bin/moefy convert smollm2-135m --experts 26 --top-k 2 --shared 288 --shared-by importance \
-  --out "$OUT/layerwise" "${CALIB[@]}" --calib-tokens 16384 --seq-len 512 --overwrite
+  --drift-correction 0.5 --out "$OUT/layerwise" "${CALIB[@]}" --calib-tokens 16384 --seq-len 512 --overwrite
 # with no data files, moefy train samples its training text from the dense model (and says so)
 .venv/bin/moefy train "$OUT/layerwise" --out "$OUT/recovered" --teacher smollm2-135m "${TRAIN[@]}" \
-  --tokens "$TOKENS" --seq-len 512 --batch-size 4 --eval-every 6 --val-sequences 8 --warmup-steps 2 --overwrite
+  --tokens "$TOKENS" --seq-len 512 --batch-size 4 --eval-every 6 --val-sequences 8 --warmup-steps 2 --ce-weight 0.5 --overwrite
 if [ -f "$SHARED/wikitext2/wiki.test.raw" ]; then
   EVAL="$SHARED/wikitext2/wiki.test.raw"
 else

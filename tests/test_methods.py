@@ -293,3 +293,77 @@ def test_init_best_starts_each_layer_from_the_better_heuristic(select, tmp_path)
     for r in reports:
         assert set(r["init_scores"]) == set(BEST_INIT_CANDIDATES)
         assert r["init_scores"][r["init"]] == min(r["init_scores"].values())
+
+
+def _moe_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if ".mlp." in k}
+
+
+def test_drift_correction_changes_only_layers_above_a_converted_one():
+    """Layer 0 sees the dense model's own stream, so its drift is zero and its fit is unchanged;
+    layer 1 sees the converted layer 0's output, and its target moves.  A layer left dense below
+    the converted ones adds no drift either."""
+    from moefy.convert import layerwise_stage
+    from tiny_models import tiny_model
+
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    fitted = {}
+    for alpha in (0.0, 1.0):
+        model = tiny_model("llama")
+        layerwise_stage(model, calib, ConvertConfig(n_experts=4, top_k=2, steps=2, eval_every=1, drift_correction=alpha))
+        fitted[alpha] = _moe_state(model)
+    layer0 = [k for k in fitted[0.0] if k.startswith("model.layers.0.")]
+    layer1 = [k for k in fitted[0.0] if k.startswith("model.layers.1.") and k.endswith("down_proj.weight")]
+    assert layer0 and layer1
+    assert all(torch.equal(fitted[0.0][k], fitted[1.0][k]) for k in layer0)
+    assert not all(torch.equal(fitted[0.0][k], fitted[1.0][k]) for k in layer1)
+
+    only_top = {}
+    for alpha in (0.0, 1.0):
+        model = tiny_model("llama")
+        layerwise_stage(model, calib, ConvertConfig(n_experts=4, top_k=2, steps=2, eval_every=1, layers=[1], drift_correction=alpha))
+        only_top[alpha] = _moe_state(model)
+    assert all(torch.equal(only_top[0.0][k], only_top[1.0][k]) for k in only_top[0.0])
+
+
+def test_drift_correction_refuses_a_post_ffn_norm_and_bad_values():
+    from moefy.config import ConfigError
+    from moefy.convert import layerwise_stage
+    from tiny_models import tiny_model
+
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ConfigError, match="post-FFN norm"):
+        layerwise_stage(tiny_model("gemma2"), calib, ConvertConfig(n_experts=4, top_k=2, steps=1, drift_correction=0.5))
+    for bad in (-0.1, 1.5, "all", True):
+        with pytest.raises(ConfigError, match="drift-correction"):
+            ConvertConfig(drift_correction=bad).validate(64)
+
+
+def test_drift_correction_resumes_from_restored_layers_in_memory():
+    """A resumed in-memory run (layer 0 restored) fits layer 1 exactly as the uninterrupted run."""
+    from moefy.convert import layerwise_stage
+    from tiny_models import tiny_model
+
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    cfg = ConvertConfig(n_experts=4, top_k=2, steps=2, eval_every=1, drift_correction=1.0)
+    ref = tiny_model("llama")
+    layerwise_stage(ref, calib, cfg)
+    resumed = tiny_model("llama")
+    layerwise_stage(resumed, calib, cfg, restored={0: ref.model.layers[0].mlp})
+    a, b = _moe_state(ref), _moe_state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_drift_correction_default_is_on_for_shared_layouts_where_the_architecture_allows_it(tmp_path):
+    from moefy.adapters import get_adapter
+    from moefy.config import DEFAULT_DRIFT_CORRECTION
+    from moefy.convert import drift_correction_for, layerwise_stage
+    from tiny_models import tiny_model
+
+    llama, gemma2 = tiny_model("llama"), tiny_model("gemma2")
+    shared = ConvertConfig(n_experts=4, top_k=2, n_shared=8, steps=1)
+    assert drift_correction_for(shared, get_adapter(llama.config)) == DEFAULT_DRIFT_CORRECTION > 0
+    assert drift_correction_for(ConvertConfig(), get_adapter(llama.config)) == 0.0  # no shared neurons
+    assert drift_correction_for(shared, get_adapter(gemma2.config)) == 0.0
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    layerwise_stage(gemma2, calib, shared)  # the default converts Gemma 2

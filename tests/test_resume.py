@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,10 +20,10 @@ from moefy.testing_hooks import clean_env, pause_env, wait_until_paused
 pytestmark = needs_shared()
 
 
-def _cmd(out: Path) -> list[str]:
+def _cmd(out: Path, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "moefy.cli", "convert", str(STORIES), "--out", str(out), "--calib", str(TINYSTORIES),
-        "--calib-tokens", "8192", "--seq-len", "128", "--steps", "30", "--seed", "3",
+        "--calib-tokens", "8192", "--seq-len", "128", "--steps", "30", "--seed", "3", *extra,
     ]
 
 
@@ -42,19 +43,22 @@ def _paused_run(cmd: list[str], paused: Path, layer: int, env: dict[str, str], s
     return proc
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--drift-correction", "0.5")], ids=["plain", "drift-correction"])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, extra):
+    """Layer by layer from the checkpoint; with --drift-correction the resumed run also rebuilds the
+    dense model's stream through the finished layers' dense selves."""
     env = clean_env(dict(os.environ, OMP_NUM_THREADS="1"))
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref), check=True, env=env, capture_output=True)
+    subprocess.run(_cmd(ref, *extra), check=True, env=env, capture_output=True)
 
     out = tmp_path / "resumed"
     work = tmp_path / ".resumed.moefy-work"
-    proc = _paused_run(_cmd(out), tmp_path / "paused", 1, env, signal.SIGKILL)
+    proc = _paused_run(_cmd(out, *extra), tmp_path / "paused", 1, env, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # no half checkpoint
     assert sorted(p.name for p in work.glob("layer_*.json")) == ["layer_0000.json", "layer_0001.json"]
 
-    res = subprocess.run(_cmd(out), env=env, capture_output=True, text=True)
+    res = subprocess.run(_cmd(out, *extra), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     log = " ".join(res.stderr.split())  # rich wraps long lines
     assert "resuming: 2 layer(s) already converted" in log

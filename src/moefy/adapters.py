@@ -48,6 +48,10 @@ class Adapter:
     act_keys: tuple[str, ...] = ("hidden_act",)
     fused_gate_up: bool = False
     act_attr: str = "act_fn"
+    # the FFN's output is added to the residual stream as it is (no norm after the FFN: Gemma 2/3
+    # have post_feedforward_layernorm), so a layer's output minus its FFN's output is the stream
+    # the FFN adds to (what --drift-correction needs)
+    residual_ffn: bool = True
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         inner = getattr(model, "model", None)
@@ -89,8 +93,8 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2": Adapter("qwen2"),
     "qwen3": Adapter("qwen3"),
     "gemma": Adapter("gemma", act_keys=("hidden_activation", "hidden_act")),
-    "gemma2": Adapter("gemma2", act_keys=("hidden_activation", "hidden_act")),
-    "gemma3_text": Adapter("gemma3", act_keys=("hidden_activation", "hidden_act")),
+    "gemma2": Adapter("gemma2", act_keys=("hidden_activation", "hidden_act"), residual_ffn=False),
+    "gemma3_text": Adapter("gemma3", act_keys=("hidden_activation", "hidden_act"), residual_ffn=False),
     "phi3": Adapter("phi3", fused_gate_up=True, act_attr="activation_fn"),
 }
 

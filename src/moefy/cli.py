@@ -90,6 +90,7 @@ def convert(
     budget_mode: Annotated[str, typer.Option(help="LapSum: learned (per-layer k_l, needs --stage e2e|both) | fixed (K/L)")] = "learned",
     max_active: Annotated[Optional[int], typer.Option(help="LapSum: most experts one token may use.")] = None,
     token_weighting: Annotated[str, typer.Option(help="Layer loss: clip (cap outlier tokens' share) | none (plain summed MSE)")] = "none",
+    drift_correction: Annotated[Optional[float], typer.Option(help="Layer targets: 0 fits each FFN to the dense FFN on the converted model's inputs; a in (0, 1] adds a x the drift of the residual stream from the dense model's, so each layer also undoes part of the error of the layers below (carries a second stream of calibration activations). [default: 0.5 with --shared neurons, else 0; always 0 on Gemma 2/3, whose FFN output is normalised]", show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="Weights and carried activations: bf16 | fp16 | fp32 (fitting runs in fp32). [default: the checkpoint's own; fp32 for GGUF and --stage e2e|both]", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="Where each layer is fitted: cpu | cuda | cuda:N | auto (the first GPU, else the CPU).")] = "auto",
     onload: Annotated[Optional[bool], typer.Option("--onload/--no-onload", help="Read the dense model layer by layer from its safetensors files (peak memory: one layer plus activations), or load it whole. [default: layer by layer whenever possible]", show_default=False)] = None,
@@ -132,6 +133,7 @@ def convert(
         "layers": ("layers", layer_list), "router": ("router", router), "gating": ("gating", gating),
         "budget": ("budget", budget), "budget_mode": ("budget_mode", budget_mode), "max_active": ("max_active", max_active),
         "token_weighting": ("token_weighting", token_weighting), "dtype": ("dtype", dtype),
+        "drift_correction": ("drift_correction", drift_correction),
     }
     settings = dict(rec.config)
     if given("active"):  # --active on the command line picks the layout: the recipe's layout gives way

@@ -18,6 +18,8 @@ RIDGE_GAMMAS = (1e-3, 1e-2, 1e-1, 1.0)  # the held-out choice of the ridge refit
 INITS = ("act-cluster", "param-cluster", "random", "best")
 # --init best: each layer starts from whichever of these splits scores lower on held-out tokens
 BEST_INIT_CANDIDATES = ("act-cluster", "param-cluster")
+# --drift-correction when not given, for layouts with shared neurons (docs/BENCHMARKS.md 6.9)
+DEFAULT_DRIFT_CORRECTION = 0.5
 # the layout fields --active chooses (moefy.layouts.layout_for) unless given explicitly
 LAYOUT_FIELDS = ("n_experts", "top_k", "n_shared", "shared_by")
 
@@ -64,6 +66,13 @@ class ConvertConfig:
     # (outlier "massive activation" tokens otherwise own 80-99% of the loss in some layers)
     token_weighting: str = "none"
     token_clip: float = 16.0
+    # layer targets: 0 fits each FFN to the dense FFN's output on its own (MoE-path) inputs, as
+    # llm-compressor's sequential pipeline does; a > 0 adds a x the drift of the residual stream
+    # from the dense model's (dense-model stream after the layer minus the MoE stream's), so each
+    # layer also undoes part of the error the converted layers below left (moefy.convert).
+    # None: DEFAULT_DRIFT_CORRECTION for layouts with shared neurons where the FFN's output is
+    # added to the residual stream as it is, else 0 (moefy.convert.drift_correction_for)
+    drift_correction: float | None = None
     lr_weights: float = 1e-4
     # end-to-end stage: recovery training (moefy.training) of the whole network against the
     # dense model, on the calibration files past the calibration tokens (or --train-data)
@@ -141,6 +150,11 @@ class ConvertConfig:
             isinstance(self.ridge_gamma, bool) or not isinstance(self.ridge_gamma, (int, float)) or not self.ridge_gamma > 0
         ):
             raise ConfigError(f"ridge_gamma must be a positive number (or unset: chosen on held-out tokens), got {self.ridge_gamma!r}")
+        if self.drift_correction is not None and (
+            isinstance(self.drift_correction, bool) or not isinstance(self.drift_correction, (int, float))
+            or not 0 <= self.drift_correction <= 1
+        ):
+            raise ConfigError(f"--drift-correction must be a number in [0, 1], got {self.drift_correction!r}")
         if self.shared_by not in ("rate", "importance"):
             raise ConfigError(f"unknown --shared-by {self.shared_by!r}; choose rate or importance")
         if self.token_weighting not in ("clip", "none"):
@@ -229,7 +243,7 @@ def _type_ok(name: str, value: Any) -> bool:
         return value is None or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
     if name == "dtype":
         return value is None or isinstance(value, str)
-    if name in ("budget", "active"):
+    if name in ("budget", "active", "drift_correction"):
         return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
     if name == "max_active":
         return value is None or (isinstance(value, int) and not isinstance(value, bool))

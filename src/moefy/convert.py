@@ -29,7 +29,7 @@ from torch import nn
 
 from .activations import ActivationStore
 from .adapters import Adapter, get_adapter, passthrough_layer
-from .config import BEST_INIT_CANDIDATES, ConvertConfig
+from .config import BEST_INIT_CANDIDATES, DEFAULT_DRIFT_CORRECTION, ConvertConfig
 from .dotmoe import DotMoeLayer
 from .errors import ConfigError
 from .layerwise import LayerReport, fit_layer
@@ -122,9 +122,11 @@ def capture_inputs(
 @torch.no_grad()
 def collect_ffn_io(
     layer: nn.Module, mlp: nn.Module, xs: Iterable[torch.Tensor], kwargs: dict[str, Any],
+    layer_outputs: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FFN inputs and dense FFN outputs of one decoder layer, ``[sequences, seq, d]`` in fp32
-    (what the fitting runs in)."""
+    (what the fitting runs in).  With ``layer_outputs``, the decoder layer's outputs (fp32) are
+    appended to it, one tensor per batch."""
     ins: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
 
@@ -135,12 +137,32 @@ def collect_ffn_io(
     handle = mlp.register_forward_hook(fn)
     try:
         for x in xs:
-            layer(x, **kwargs)
+            o = layer(x, **kwargs)
+            if layer_outputs is not None:
+                layer_outputs.append(_first_tensor(o).detach().float())
     finally:
         handle.remove()
     x_in = torch.cat(ins)
     del ins
     return x_in, torch.cat(outs)
+
+
+@torch.no_grad()
+def advance_dense_stream(
+    layer: nn.Module, dense: ActivationStore, kwargs: dict[str, Any], device: torch.device,
+    moe_outputs: list[torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """Run the *dense* decoder ``layer`` on the dense model's own hidden states (``dense``, updated
+    in place to the states after the layer).  With ``moe_outputs`` (the same layer's outputs on the
+    converted model's states, dense FFN in place): returns the drift, dense minus converted stream
+    after the layer, ``[sequences, seq, d]`` in fp32."""
+    drift: list[torch.Tensor] = []
+    for b in range(len(dense)):
+        out = _first_tensor(layer(dense.get(b).to(device), **kwargs))
+        if moe_outputs is not None:
+            drift.append(out.float() - moe_outputs[b])
+        dense.put(b, out)
+    return torch.cat(drift) if moe_outputs is not None else None
 
 
 def initial_split(
@@ -200,6 +222,24 @@ def _split_train_val(x: torch.Tensor, y: torch.Tensor, val_fraction: float) -> t
     )
 
 
+def drift_correction_for(cfg: ConvertConfig, adapter: Adapter) -> float:
+    """The drift correction a conversion uses: ``cfg.drift_correction``, or when unset
+    ``DEFAULT_DRIFT_CORRECTION`` for layouts with shared neurons where the architecture allows it,
+    else 0.  (Measured on SmolLM2, docs/BENCHMARKS.md 6.9: with shared neurons it lowered the
+    WikiText-2 raw-test PPL 10-15%; with 8 balanced experts and none shared it lowered unseen
+    WikiText-2 valid 13% but raised the raw test 18%, so it stays off there unless asked for.)
+    Set explicitly on an architecture whose FFN output is normalised before the residual add
+    (Gemma 2/3): one line of :class:`ConfigError`."""
+    if cfg.drift_correction is None:
+        return DEFAULT_DRIFT_CORRECTION if adapter.residual_ffn and cfg.n_shared > 0 else 0.0
+    if cfg.drift_correction > 0 and not adapter.residual_ffn:
+        raise ConfigError(
+            f"--drift-correction needs an FFN whose output is added to the residual stream as it is; "
+            f"{adapter.family} normalises it first (post-FFN norm); use --drift-correction 0"
+        )
+    return float(cfg.drift_correction)
+
+
 def mean_budget(cfg: ConvertConfig, n_converted: int) -> float:
     """Mean experts per token and layer: ``K / L`` (LapSum) or the top-k."""
     if cfg.router != "lapsum" or cfg.budget is None:
@@ -214,8 +254,9 @@ def layers_to_convert(cfg: ConvertConfig, n_layers: int) -> list[int]:
 class LayerHost(Protocol):
     """Where the decoder layers are between their turns in the layer-wise stage."""
 
-    def onload(self, i: int) -> nn.Module:
-        """Decoder layer ``i``, its weights on the compute device."""
+    def onload(self, i: int, dense: bool = False) -> nn.Module:
+        """Decoder layer ``i``, its weights on the compute device (``dense``: as in the dense
+        checkpoint, even when an earlier run converted it)."""
         ...
 
     def offload(self, i: int, layer: nn.Module) -> None:
@@ -229,7 +270,7 @@ class InMemoryHost:
     def __init__(self, layers: nn.ModuleList, device: torch.device) -> None:
         self.layers, self.device = layers, device
 
-    def onload(self, i: int) -> nn.Module:
+    def onload(self, i: int, dense: bool = False) -> nn.Module:  # restored layers are swapped in by layerwise_stage
         return self.layers[i].to(self.device)
 
     def offload(self, i: int, layer: nn.Module) -> None:
@@ -277,6 +318,9 @@ def layerwise_stage(
         if host is not None and not isinstance(host, InMemoryHost):
             raise ConfigError("--select model needs the whole model in memory; convert without layer-by-layer onloading (--no-onload)")
         scorer = HeldOutKL(model, adapter, calib, cfg.val_fraction)  # the dense model's held-out logits, first
+    alpha = drift_correction_for(cfg, adapter)
+    # --drift-correction on a resumed run: the dense stream still goes through each restored layer's dense FFN
+    dense_mlps = {i: layers[i].mlp for i in chosen if i in restored} if alpha > 0 else {}
     for i in chosen:
         if i in restored:
             layers[i].mlp = restored[i]
@@ -287,20 +331,39 @@ def layerwise_stage(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     host = host if host is not None else InMemoryHost(layers, dev)
     batches = list(calib.split(batch))
-    store = ActivationStore([int(b.shape[0]) for b in batches], spill_path)
+    rows = [int(b.shape[0]) for b in batches]
+    store = ActivationStore(rows, spill_path)
+    dense: ActivationStore | None = None
+    if alpha > 0:
+        dense = ActivationStore(rows, spill_path.with_name(spill_path.name + ".dense") if spill_path is not None else None)
     reports: list[LayerReport] = []
+
+    def put(b: int, x: torch.Tensor) -> None:
+        store.put(b, x)
+        if dense is not None:
+            dense.put(b, x)
+
     try:
-        _, layer_kwargs = capture_inputs(model, adapter, batches, sink=store.put)
+        _, layer_kwargs = capture_inputs(model, adapter, batches, sink=put)
         for i in range(len(layers)):
-            layer = host.onload(i)
             kwargs = to_device(layer_kwargs[i], dev)
+            if dense is not None and i in finished:  # converted by an earlier run: its dense self, from the checkpoint
+                advance_dense_stream(host.onload(i, dense=True), dense, kwargs, dev)
+            layer = host.onload(i)
             if i in todo:
                 select = None
                 if scorer is not None:
                     select = _model_scorer(scorer, i, layer, store, batch, dev)
-                reports.append(_convert_layer(layer, i, store, kwargs, adapter, model.config, cfg, dev, len(chosen), select))
+                reports.append(_convert_layer(layer, i, store, kwargs, adapter, model.config, cfg, dev, len(chosen), select, dense))
                 if on_layer_done is not None:
                     on_layer_done(i, reports[-1], layer)
+            elif dense is not None and i not in finished:  # left dense, or restored: the dense stream takes the dense FFN
+                moe = layer.mlp
+                layer.mlp = dense_mlps.get(i, moe)
+                try:
+                    advance_dense_stream(layer, dense, kwargs, dev)
+                finally:
+                    layer.mlp = moe
             if i == todo[-1]:  # nothing above needs the calibration activations
                 host.offload(i, layer)
                 break
@@ -312,6 +375,8 @@ def layerwise_stage(
                 progress("layer-wise", i + 1, len(layers))
     finally:
         store.close()
+        if dense is not None:
+            dense.close()
     if progress is not None:
         progress("layer-wise", len(layers), len(layers))
     return reports
@@ -372,15 +437,30 @@ def _best_initial_split(
 def _convert_layer(
     layer: nn.Module, i: int, store: ActivationStore, kwargs: dict[str, Any], adapter: Adapter, config: Any,
     cfg: ConvertConfig, device: torch.device, n_converted: int, select: Callable[[], float] | None = None,
+    dense: ActivationStore | None = None,
 ) -> LayerReport:
     """Fit decoder layer ``i``'s MoE on its calibration FFN inputs and put it in place.
 
     With ``select`` (``--select model``): where the recipe trained something (DOT-MoE's assignment
     or router steps), the same layer is also fitted from its initial split without that training,
-    and the layer keeps whichever fit ``select()`` scores lower (held-out KL of the model)."""
+    and the layer keeps whichever fit ``select()`` scores lower (held-out KL of the model).
+
+    With ``dense`` (``--drift-correction a``, the dense model's own hidden states entering the
+    layer): the FFN's target is the dense FFN's output plus ``a`` x the drift, the dense stream
+    minus the converted stream after this (still dense) layer.  At ``a = 1`` a perfect fit would
+    put the converted stream back on the dense model's after every layer; the error of the layers
+    below is then corrected where it lands instead of carried up.  ``dense`` is advanced past the
+    layer."""
     mlp = layer.mlp
     dtype = adapter.ffn_weights(mlp).gate.dtype
-    x_in, y_out = collect_ffn_io(layer, mlp, (store.get(b).to(device) for b in range(len(store))), kwargs)
+    moe_outs: list[torch.Tensor] | None = [] if dense is not None else None
+    x_in, y_out = collect_ffn_io(layer, mlp, (store.get(b).to(device) for b in range(len(store))), kwargs, moe_outs)
+    if dense is not None:
+        drift = advance_dense_stream(layer, dense, kwargs, device, moe_outs)
+        del moe_outs
+        assert drift is not None
+        y_out.add_(drift, alpha=drift_correction_for(cfg, adapter))
+        del drift
     x_tr, y_tr, x_val, y_val = _split_train_val(x_in, y_out, cfg.val_fraction)
     del x_in, y_out
     ffn = adapter.ffn_weights(mlp)

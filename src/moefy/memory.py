@@ -127,11 +127,13 @@ class MemoryPlan:
                 f"{format_size(self.activation_bytes)} {where}")
 
 
-def plan_memory(shape: LayerShape, tokens: int, budget: int | None, batch_tokens: int = 2048) -> MemoryPlan:
+def plan_memory(shape: LayerShape, tokens: int, budget: int | None, batch_tokens: int = 2048, streams: int = 1) -> MemoryPlan:
     """Check ``budget`` (bytes; None: what is available now, without refusing) against one layer's
-    needs and decide whether the carried activations spill to disk."""
-    layer = fit_bytes(shape, tokens, batch_tokens)
-    acts = activation_bytes(shape, tokens)
+    needs and decide whether the carried activations spill to disk.  ``streams``: 2 when the dense
+    model's own hidden states are carried too (``--drift-correction``), whose layer step also holds
+    the converted stream's layer outputs and the drift in fp32."""
+    layer = fit_bytes(shape, tokens, batch_tokens) + (streams - 1) * 2 * tokens * shape.d_model * 4
+    acts = streams * activation_bytes(shape, tokens)
     if budget is not None and budget < layer:
         raise MemoryBudgetError(
             f"--max-memory {format_size(budget)} is too small for one layer of this model: converting a layer "

@@ -206,11 +206,13 @@ class OnloadHost:
     def layer_key(self, i: int, rel: str) -> str:
         return f"{self.lay.layers_prefix}.{i}.{rel}"
 
-    def onload(self, i: int) -> nn.Module:
+    def onload(self, i: int, dense: bool = False) -> nn.Module:
+        """Layer ``i`` on the device: converted (read from the work directory) when an earlier run
+        finished it, unless ``dense``; else (and before the converted one) as in the checkpoint."""
         layer = self.layers[i]
         rel = self.lay.layers[i]
         dtypes = {k: self.lay.dtypes[self.layer_key(i, k)] for k in rel}
-        if i in self.finished:
+        if i in self.finished and not dense:
             path, spec = self.finished[i]
             layer.mlp = moe_mlp_from_spec(spec)
             sd_keys = list(layer.state_dict().keys())

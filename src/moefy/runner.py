@@ -31,7 +31,7 @@ from . import __version__, testing_hooks
 from .adapters import get_adapter
 from .calibration import CalibrationSet, calib_files, check_paths, from_files, sample_from_model
 from .config import ConvertConfig, resolve_device
-from .convert import active_fraction, layerwise_stage, summary
+from .convert import active_fraction, drift_correction_for, layerwise_stage, summary
 from .errors import ConfigError, OutputExistsError
 from .export import DEFAULT_SHARD_SIZE, mlp_spec, moefy_config, save_checkpoint, save_streamed_checkpoint, to_moefy_model
 from .hf.modeling_moefy import MoefyMLP
@@ -275,10 +275,11 @@ def run_convert(
     if cfg.active is not None:
         log(f"--active {cfg.active}: {cfg.n_experts} experts, top-{cfg.top_k}, {cfg.n_shared} shared by {cfg.shared_by}")
     cfg.validate(d_ffn)
+    cfg = replace(cfg, drift_correction=drift_correction_for(cfg, adapter))  # the value used, as moefy.json records it
     if cfg.layers is not None and any(i < 0 or i >= len(layers) for i in cfg.layers):
         raise ConfigError(f"--layers must be within 0..{len(layers) - 1}")
     shape = layer_shape(model, layers, d_ffn, dtype.itemsize, whole=not layer_by_layer)
-    plan = plan_memory(shape, calib_token_bound(cfg), budget, cfg.batch_tokens)
+    plan = plan_memory(shape, calib_token_bound(cfg), budget, cfg.batch_tokens, streams=2 if cfg.drift_correction else 1)
     mode = "layer by layer from the safetensors files" if layer_by_layer else "whole"
     log(f"loaded {source} ({mode}): {model.config.model_type}, {len(layers)} layers, d_ffn={d_ffn}, "
         f"{DTYPE_NAMES[dtype]}, fitting on {dev}; {plan.describe()}")
