@@ -367,3 +367,18 @@ def test_drift_correction_default_is_on_for_shared_layouts_where_the_architectur
     assert drift_correction_for(shared, get_adapter(gemma2.config)) == 0.0
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     layerwise_stage(gemma2, calib, shared)  # the default converts Gemma 2
+
+
+def test_drift_correction_spilled_to_disk_is_bit_identical(tmp_path):
+    """Both streams spilled (the dense one beside the first) give the in-memory result; the files go."""
+    from moefy.convert import layerwise_stage
+    from tiny_models import tiny_model
+
+    calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    cfg = ConvertConfig(n_experts=4, top_k=2, n_shared=8, steps=2, eval_every=1, drift_correction=0.5)
+    mem, spilled = tiny_model("llama"), tiny_model("llama")
+    layerwise_stage(mem, calib, cfg, batch=3)
+    layerwise_stage(spilled, calib, cfg, batch=3, spill_path=tmp_path / "activations.bin")
+    a, b = _moe_state(mem), _moe_state(spilled)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.iterdir())

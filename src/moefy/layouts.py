@@ -11,7 +11,9 @@ active  --experts  top-k  --shared      routed experts                      PPL 
 50%     20         4      576 (37.5%)   960 neurons / 20 = 48 each, 4 on    56.83 (E8k4 76.48, prune 66.15)
 ======  =========  =====  ============  ==================================  ==========================
 
-both with ``--shared-by importance``.  The common rule: three quarters of the active budget are
+both with ``--shared-by importance`` (and, since docs/BENCHMARKS.md 6.9, with the default drift
+correction of shared layouts, 0.5: 95.10 and 51.25 on the first 16 test windows, against 111.41
+and 56.80 without it; :func:`moefy.convert.drift_correction_for`).  The common rule: three quarters of the active budget are
 always-active shared neurons (chosen by importance), the other quarter comes from routed
 experts of about 48 neurons.  :func:`layout_for` scales that rule to any FFN width:
 
