@@ -203,6 +203,20 @@ def test_shipped_recipes_are_the_measured_layouts():
         lay = layout_for(frac, 1536)
         assert (cfg.n_experts, cfg.top_k, cfg.n_shared, cfg.shared_by) == (lay.n_experts, lay.top_k, lay.n_shared, "importance")
         assert (cfg.calib_tokens, cfg.seq_len) == (16384, 512)
+        assert cfg.drift_correction == 0.5  # what the default gives these shared layouts, written out
+
+
+def test_cli_drift_correction_flag_and_recipe_key(monkeypatch, tmp_path):
+    _, cfg = _cli_config(monkeypatch, ["convert", "m", "--out", str(tmp_path / "o")])
+    assert cfg.drift_correction is None  # chosen per layout and architecture when the run starts
+    _, cfg = _cli_config(monkeypatch, ["convert", "m", "--out", str(tmp_path / "o"), "--drift-correction", "0.3"])
+    assert cfg.drift_correction == 0.3
+    r = tmp_path / "r.yaml"
+    r.write_text("model: m\nout: o\ndrift_correction: 1\n")
+    _, cfg = _cli_config(monkeypatch, ["convert", "--recipe", str(r)])
+    assert cfg.drift_correction == 1
+    _, cfg = _cli_config(monkeypatch, ["convert", "--recipe", str(r), "--drift-correction", "0"])
+    assert cfg.drift_correction == 0
 
 
 @pytest.mark.parametrize(
