@@ -354,7 +354,7 @@ def layerwise_stage(
                 select = None
                 if scorer is not None:
                     select = _model_scorer(scorer, i, layer, store, batch, dev)
-                reports.append(_convert_layer(layer, i, store, kwargs, adapter, model.config, cfg, dev, len(chosen), select, dense))
+                reports.append(_convert_layer(layer, i, store, kwargs, adapter, model.config, cfg, dev, len(chosen), select, dense, alpha))
                 if on_layer_done is not None:
                     on_layer_done(i, reports[-1], layer)
             elif dense is not None and i not in finished:  # left dense, or restored: the dense stream takes the dense FFN
@@ -437,7 +437,7 @@ def _best_initial_split(
 def _convert_layer(
     layer: nn.Module, i: int, store: ActivationStore, kwargs: dict[str, Any], adapter: Adapter, config: Any,
     cfg: ConvertConfig, device: torch.device, n_converted: int, select: Callable[[], float] | None = None,
-    dense: ActivationStore | None = None,
+    dense: ActivationStore | None = None, alpha: float = 0.0,
 ) -> LayerReport:
     """Fit decoder layer ``i``'s MoE on its calibration FFN inputs and put it in place.
 
@@ -445,9 +445,9 @@ def _convert_layer(
     or router steps), the same layer is also fitted from its initial split without that training,
     and the layer keeps whichever fit ``select()`` scores lower (held-out KL of the model).
 
-    With ``dense`` (``--drift-correction a``, the dense model's own hidden states entering the
-    layer): the FFN's target is the dense FFN's output plus ``a`` x the drift, the dense stream
-    minus the converted stream after this (still dense) layer.  At ``a = 1`` a perfect fit would
+    With ``dense`` (``--drift-correction alpha``, the dense model's own hidden states entering the
+    layer): the FFN's target is the dense FFN's output plus ``alpha`` x the drift, the dense stream
+    minus the converted stream after this (still dense) layer.  At ``alpha = 1`` a perfect fit would
     put the converted stream back on the dense model's after every layer; the error of the layers
     below is then corrected where it lands instead of carried up.  ``dense`` is advanced past the
     layer."""
@@ -459,7 +459,7 @@ def _convert_layer(
         drift = advance_dense_stream(layer, dense, kwargs, device, moe_outs)
         del moe_outs
         assert drift is not None
-        y_out.add_(drift, alpha=drift_correction_for(cfg, adapter))
+        y_out.add_(drift, alpha=alpha)
         del drift
     x_tr, y_tr, x_val, y_val = _split_train_val(x_in, y_out, cfg.val_fraction)
     del x_in, y_out
