@@ -31,6 +31,12 @@ VARIANTS: dict[str, tuple[str, dict[str, object]]] = {  # key: (table name, Conv
     "dot-frozen": ("dot-frozen (init act-cluster)", {"method": "dot-frozen"}),
     "dot-best": ("dot (init best)", {"init": "best"}),
     "dot-best-model": ("dot (init best, select model)", {"init": "best", "select": "model"}),
+    # the layer-wise weight modes (``--weights``): gradient training of gate/up/down with the split frozen
+    "act-cluster-grad": ("act-cluster, weights grad+ridge", {"method": "act-cluster", "weights": "grad+ridge"}),
+    "param-cluster-grad": ("param-cluster, weights grad+ridge", {"method": "param-cluster", "weights": "grad+ridge"}),
+    "dot-grad": ("dot (init act-cluster), weights grad+ridge", {"weights": "grad+ridge"}),
+    "act-cluster-rgrad": ("act-cluster, weights ridge+grad", {"method": "act-cluster", "weights": "ridge+grad"}),
+    "param-cluster-rgrad": ("param-cluster, weights ridge+grad", {"method": "param-cluster", "weights": "ridge+grad"}),
 }
 DEFAULT_VARIANTS = "random,act-cluster,param-cluster,dot,dot-param,dot-random,dot-frozen"
 

@@ -92,29 +92,8 @@ def test_compare_report_and_resume(tmp_path):
     assert (tmp_path / "r" / "cells" / "dot-E4k2" / "eval.json").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("weights", ["ridge", "grad", "grad+ridge"])
-def test_weight_adaptation_never_worsens_held_out_error(weights):
-    from moefy.dotmoe import DotMoeLayer
-    from moefy.layerwise import fit_layer
-
-    torch.manual_seed(0)
-    ffn = _ffn(n=64, d=16)
-    x = torch.randn(2048, 16)
-    h = torch.nn.functional.silu(x @ ffn.gate.T) * (x @ ffn.up.T)
-    y = h @ ffn.down.T
-    split = random_split(64, 4, 0)
-    base = ConvertConfig(n_experts=4, top_k=1, steps=10, eval_every=5, weights="none", weight_steps=20, lr_weights=1e-3)
-    layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", split, 1)
-    ref = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], base, 0)
-    layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", split, 1)
-    cfg = ConvertConfig(**{**base.to_dict(), "weights": weights})
-    rep = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0)
-    assert rep.error_final <= ref.error_final + 1e-6
-    assert rep.error_final < rep.error_routed  # the adaptation found something on this easy case
-
-
-def test_fixed_ridge_gamma_is_the_one_used_and_bad_values_are_config_errors():
-    from moefy.config import RIDGE_GAMMAS, ConfigError
+def _fit_easy_layer(cfg: ConvertConfig):
+    """fit_layer on a 64-neuron FFN split into 4 random experts, 1,536 tokens to fit and 512 held out."""
     from moefy.dotmoe import DotMoeLayer
     from moefy.layerwise import fit_layer
 
@@ -122,12 +101,35 @@ def test_fixed_ridge_gamma_is_the_one_used_and_bad_values_are_config_errors():
     ffn = _ffn(n=64, d=16)
     x = torch.randn(2048, 16)
     y = (torch.nn.functional.silu(x @ ffn.gate.T) * (x @ ffn.up.T)) @ ffn.down.T
-    split = random_split(64, 4, 0)
-    chosen = {}
-    for gamma in (None, 1.0):
-        cfg = ConvertConfig(n_experts=4, top_k=1, steps=4, eval_every=2, ridge_gamma=gamma)
-        layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", split, 1)
-        chosen[gamma] = fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0).ridge_gamma
+    layer = DotMoeLayer(ffn, torch.nn.functional.silu, "silu", random_split(64, 4, 0), 1)
+    return fit_layer(layer, x[:1536], y[:1536], x[1536:], y[1536:], cfg, 0)
+
+
+@pytest.mark.parametrize("weights", ["ridge", "grad", "grad+ridge", "ridge+grad"])
+def test_weight_adaptation_never_worsens_held_out_error(weights):
+    base = ConvertConfig(n_experts=4, top_k=1, steps=10, eval_every=5, weights="none", weight_steps=20, lr_weights=1e-3)
+    ref = _fit_easy_layer(base)
+    rep = _fit_easy_layer(ConvertConfig(**{**base.to_dict(), "weights": weights}))
+    assert rep.error_final <= ref.error_final + 1e-6
+    assert rep.error_final < rep.error_routed  # the adaptation found something on this easy case
+
+
+def test_ridge_then_grad_starts_from_the_ridge_fit_and_never_ends_worse():
+    """``ridge+grad``: the gradient steps start from the ridge refit and keep their best held-out
+    state, and W_down is refitted once more, so the layer ends no worse than ``ridge`` alone."""
+    errs = {
+        weights: _fit_easy_layer(ConvertConfig(n_experts=4, top_k=1, steps=4, eval_every=5, weights=weights,
+                                               weight_steps=20, lr_weights=1e-3)).error_final
+        for weights in ("ridge", "ridge+grad")
+    }
+    assert errs["ridge+grad"] <= errs["ridge"] + 1e-6
+
+
+def test_fixed_ridge_gamma_is_the_one_used_and_bad_values_are_config_errors():
+    from moefy.config import RIDGE_GAMMAS, ConfigError
+
+    chosen = {gamma: _fit_easy_layer(ConvertConfig(n_experts=4, top_k=1, steps=4, eval_every=2, ridge_gamma=gamma)).ridge_gamma
+              for gamma in (None, 1.0)}
     assert chosen[None] in RIDGE_GAMMAS  # chosen on held-out tokens from the grid
     assert chosen[1.0] in (1.0, None)  # the fixed strength, or no refit if it does not help
     for bad in (0.0, -1.0, "strong", True):

@@ -13,7 +13,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 DEVICES = "cpu, cuda, cuda:N or auto"
 METHODS = ("dot", "dot-frozen", "random", "param-cluster", "act-cluster", "prune")
 STAGES = ("layerwise", "e2e", "both")
-WEIGHT_MODES = ("none", "ridge", "grad", "grad+ridge")
+WEIGHT_MODES = ("none", "ridge", "grad", "grad+ridge", "ridge+grad")
 RIDGE_GAMMAS = (1e-3, 1e-2, 1e-1, 1.0)  # the held-out choice of the ridge refit's strength
 INITS = ("act-cluster", "param-cluster", "random", "best")
 # --init best: each layer starts from whichever of these splits scores lower on held-out tokens

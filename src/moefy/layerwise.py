@@ -11,7 +11,9 @@ already-converted layers below) and the dense FFN's outputs ``y`` for those inpu
    state with the best held-out error;
 3. weight adaptation with the split frozen: a ridge refit of ``W_down`` shrunk toward the
    dense ``W_down`` (closed form, exact optimum for the fixed routing) and/or gradient training
-   of gate/up/down with early stopping on held-out tokens.
+   of gate/up/down with early stopping on held-out tokens (``ridge+grad``: the refit first, the
+   gradient steps from it, the refit again; ``grad+ridge``, the other order, was measured worse,
+   docs/BENCHMARKS.md section 6.11).
 """
 
 from __future__ import annotations
@@ -429,10 +431,14 @@ def fit_layer(
             restore(layer, trained)
     data.h = data.h_val = None
     err = report.error_routed
-    if cfg.weights in ("grad", "grad+ridge"):
+    gammas = RIDGE_GAMMAS if cfg.ridge_gamma is None else (float(cfg.ridge_gamma),)
+    if cfg.weights == "ridge+grad":
+        # the closed-form optimum of W_down first, so the gradient steps start from it (and, keeping
+        # the best held-out state, can only improve on it); then W_down again for the new gate/up
+        err, report.ridge_gamma = ridge_refit_down(layer, data, gammas)
+    if cfg.weights in ("grad", "grad+ridge", "ridge+grad"):
         err = train_weights(layer, data, cfg, layer_idx, gen)
-    if cfg.weights in ("ridge", "grad+ridge"):
-        gammas = RIDGE_GAMMAS if cfg.ridge_gamma is None else (float(cfg.ridge_gamma),)
+    if cfg.weights in ("ridge", "grad+ridge", "ridge+grad"):
         err, report.ridge_gamma = ridge_refit_down(layer, data, gammas)
     report.error_final = err
     with torch.no_grad():
