@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,25 +56,16 @@ def _show(cmd: list[str]) -> str:
                     for c in cmd)
 
 
-def _run(cmd: list[str]) -> float:
-    t0 = time.time()
+def _run(cmd: list[str]) -> None:
     print("$", _show(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"command failed (exit {proc.returncode}): {_show(cmd)}")
-    return round(time.time() - t0, 1)
 
 
 def dense_fulltest(model: str, out: Path) -> dict:
-    """The dense model on the same text: this benchmark's own evaluation when it has one, else
-    bench_convert's full-test row for the same model, text and window (one number, measured once)."""
+    """The dense model on the same text, evaluated once and reused."""
     path = out / "fulltest-dense.json"
-    earlier = ROOT / "benchmarks" / "results" / "convert_smollm2.json"
-    if not path.is_file() and model == "smollm2-135m" and earlier.is_file():
-        prev = json.loads(earlier.read_text())
-        setup, row = prev.get("setup", prev.get("args", {})), prev.get("rows", {}).get("dense", {})
-        if row.get("tokens") == 303831 and setup.get("eval_seq_len", 1024) == 1024 and setup.get("max_windows") is None:
-            return {"ppl": row["ppl"], "tokens": row["tokens"], "source": str(earlier.relative_to(ROOT))}
     if not path.is_file():
         _run(eval_cmd(model, path))
     return json.loads(path.read_text())
