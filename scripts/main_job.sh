@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, SmolLM2-135M, at 25% of FFN neurons active per token:
 #   1. layer-wise DOT-MoE conversion with the measured-best 25% layout (288 always-active
-#      neurons chosen by importance + 2 of 26 routed experts; docs/BENCHMARKS.md section 6), each
-#      layer's target also undoing half the drift from the dense model's stream (--drift-correction
+#      neurons per layer on average, chosen by importance, + 2 of 26 routed experts; docs/BENCHMARKS.md
+#      section 6), the shared neurons spread over the layers as --allocate kl measured them (6.12;
+#      recipes/convert-smollm2-25-allocated.yaml records the counts, so the job skips the measurement),
+#      each layer's target also undoing half the drift from the dense model's stream (--drift-correction
 #      0.5, the default for shared layouts; 6.9);
 #   2. a short recovery training (moefy train) of the whole network against the dense model
 #      (moefy's default learning rates: in this 12-step run 3x kept step 4 and scored worse; 2 warmup
@@ -25,8 +27,12 @@ fi
 CALIB=()
 TRAIN=()
 for f in "${DATA[@]}"; do CALIB+=(--calib "$f"); TRAIN+=(--data "$f"); done
-.venv/bin/moefy convert smollm2-135m --experts 26 --top-k 2 --shared 288 --shared-by importance \
-  --drift-correction 0.5 --out "$OUT/layerwise" "${CALIB[@]}" --calib-tokens 16384 --seq-len 512 --overwrite
+RECIPE=recipes/convert-smollm2-25-allocated.yaml
+if [ ${#CALIB[@]} -eq 0 ]; then  # no data files: the recipe's calibration file is absent too (data-free calibration)
+  mkdir -p out && grep -v '^calib:' "$RECIPE" > out/convert-recipe.yaml && RECIPE=out/convert-recipe.yaml
+fi
+.venv/bin/moefy convert smollm2-135m --recipe "$RECIPE" --out "$OUT/layerwise" "${CALIB[@]}" --calib-tokens 16384 \
+  --seq-len 512 --overwrite
 # with no data files, moefy train samples its training text from the dense model (and says so)
 .venv/bin/moefy train "$OUT/layerwise" --out "$OUT/recovered" --teacher smollm2-135m "${TRAIN[@]}" \
   --tokens "$TOKENS" --seq-len 512 --batch-size 4 --eval-every 6 --val-sequences 8 --warmup-steps 2 --ce-weight 0.5 --overwrite

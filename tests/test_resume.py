@@ -43,7 +43,8 @@ def _paused_run(cmd: list[str], paused: Path, layer: int, env: dict[str, str], s
     return proc
 
 
-@pytest.mark.parametrize("extra", [(), ("--drift-correction", "0.5")], ids=["plain", "drift-correction"])
+@pytest.mark.parametrize("extra", [(), ("--drift-correction", "0.5"), ("--shared", "16", "--shared-by", "importance", "--allocate", "kl")],
+                         ids=["plain", "drift-correction", "allocate"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, extra):
     """Layer by layer from the checkpoint; with --drift-correction the resumed run also rebuilds the
     dense model's stream through the finished layers' dense selves."""
@@ -63,6 +64,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, extra):
     log = " ".join(res.stderr.split())  # rich wraps long lines
     assert "resuming: 2 layer(s) already converted" in log
     assert "not resuming" not in log
+    if "--allocate" in extra:  # the per-layer counts measured before the kill, not measured again
+        assert "shared neurons per layer" in log and "measuring" not in log
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:

@@ -70,6 +70,7 @@ def convert(
     method: Annotated[str, typer.Option(help="dot | dot-frozen | random | param-cluster | act-cluster | prune")] = "dot",
     shared: Annotated[Optional[int], typer.Option("--shared", help="Always-active shared neurons per layer (taken from the routed budget). [default: 0]", show_default=False)] = None,
     shared_by: Annotated[Optional[str], typer.Option(help="Shared neurons chosen by: rate (CMoE: most often active) | importance (|activation| x down norm, as prune). [default: rate]", show_default=False)] = None,
+    allocate: Annotated[str, typer.Option(help="Shared neurons per layer: uniform (--shared in every layer) | kl (measured per layer on the calibration text and moved to the layers whose held-out KL drops most; the mean stays --shared; needs the whole model in memory)")] = "uniform",
     calib: Annotated[Optional[list[Path]], typer.Option("--calib", help="Calibration text (.txt/.jsonl/.json); repeatable. None: data-free.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration token budget.")] = 32768,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
@@ -126,6 +127,7 @@ def convert(
     flags: dict[str, tuple[str, Any]] = {  # CLI parameter -> (ConvertConfig field, value)
         "active": ("active", active), "experts": ("n_experts", experts), "top_k": ("top_k", top_k),
         "shared": ("n_shared", shared), "shared_by": ("shared_by", shared_by), "method": ("method", method),
+        "allocate": ("allocate", allocate),
         "stage": ("stage", stage), "seed": ("seed", seed), "calib_tokens": ("calib_tokens", calib_tokens),
         "seq_len": ("seq_len", seq_len), "weights": ("weights", weights), "steps": ("steps", steps),
         "e2e_steps": ("e2e_steps", e2e_steps), "e2e_val_sequences": ("e2e_val_sequences", e2e_val_sequences),
@@ -139,6 +141,8 @@ def convert(
     if given("active"):  # --active on the command line picks the layout: the recipe's layout gives way
         for name in LAYOUT_FIELDS:
             settings.pop(name, None)
+    if given("active") or given("shared") or given("allocate"):  # a recipe's per-layer counts belong to its own layout
+        settings.pop("shared_per_layer", None)
     settings.update({fld: value for name, (fld, value) in flags.items() if given(name) and value is not None})
     explicit = [name for name in LAYOUT_FIELDS if name in settings] if settings.get("active") is not None else []
     cfg = ConvertConfig(**settings, explicit_layout=explicit)
@@ -158,7 +162,7 @@ def convert(
     table.add_column("value", justify="right")
     for k, v in [
         ("method", rec["method"]), ("experts / top-k", f"{rec['n_experts']} / {rec['top_k']}"),
-        ("shared neurons", rec["n_shared"]), ("active FFN fraction", f"{rec['active_fraction']:.3f}"),
+        ("shared neurons", _shared_cell(rec)), ("active FFN fraction", f"{rec['active_fraction']:.3f}"),
         ("calibration tokens", rec["calibration"]["tokens"]),
         ("mean rel. error (init)", f"{rec['summary']['mean_error_init']:.4f}"),
         ("mean rel. error (routed)", f"{rec['summary']['mean_error_routed']:.4f}"),
@@ -167,6 +171,14 @@ def convert(
     ]:
         table.add_row(k, str(v))
     console.print(table)
+
+
+def _shared_cell(rec: dict[str, Any]) -> str:
+    """Shared neurons per layer: the count, or the mean and range when --allocate spread them."""
+    per_layer = (rec.get("config") or {}).get("shared_per_layer")
+    if not per_layer:
+        return str(rec["n_shared"])
+    return f"{rec['n_shared']} on average ({min(per_layer)}-{max(per_layer)} per layer)"
 
 
 @app.command("eval")
@@ -235,7 +247,7 @@ def export_cmd(
     from .serving_export import export_checkpoint
 
     _log(f"exporting {model} as {fmt}")
-    path = export_checkpoint(model, fmt, out, overwrite=overwrite, dtype=dtype, gguf_align=gguf_align)
+    path = export_checkpoint(model, fmt, out, overwrite=overwrite, dtype=dtype, gguf_align=gguf_align, log=_log)
     console.print(f"exported {fmt} -> {path}")
 
 

@@ -21,6 +21,8 @@ BEST_INIT_CANDIDATES = ("act-cluster", "param-cluster")
 # --drift-correction when not given, for layouts with shared neurons (docs/BENCHMARKS.md 6.9)
 DEFAULT_DRIFT_CORRECTION = 0.5
 # the layout fields --active chooses (moefy.layouts.layout_for) unless given explicitly
+# --allocate: how shared neurons are spread over the layers (moefy.allocation)
+ALLOCATIONS = ("uniform", "kl")
 LAYOUT_FIELDS = ("n_experts", "top_k", "n_shared", "shared_by")
 
 
@@ -33,6 +35,12 @@ class ConvertConfig:
     method: str = "dot"
     n_shared: int = 0
     shared_by: str = "rate"  # shared neurons: "rate" (CMoE: most often active) | "importance" (as --method prune)
+    # how the shared neurons are spread over the layers: "uniform" (n_shared in every layer) or "kl"
+    # (moefy.allocation: measured per layer on the calibration text, the mean kept at n_shared);
+    # shared_per_layer, one count per decoder layer, is what "kl" chose (a recipe that gives it
+    # reproduces the conversion without measuring again)
+    allocate: str = "uniform"
+    shared_per_layer: list[int] | None = None
     stage: str = "layerwise"
     seed: int = 0
     # calibration
@@ -179,6 +187,15 @@ class ConvertConfig:
             raise ConfigError(f"e2e_eval_every must be >= 1, got {self.e2e_eval_every}")
         if self.n_shared < 0:
             raise ConfigError(f"--shared must be >= 0, got {self.n_shared}")
+        if self.allocate not in ALLOCATIONS:
+            raise ConfigError(f"unknown --allocate {self.allocate!r}; choose {' or '.join(ALLOCATIONS)}")
+        if self.allocate != "uniform" and self.n_shared == 0:
+            raise ConfigError(f"--allocate {self.allocate} moves shared neurons between layers, and this layout has none; "
+                              "give --shared N (or --active)")
+        if self.allocate != "uniform" and self.method == "prune":
+            raise ConfigError(f"--allocate {self.allocate} needs a routed layout with shared neurons, not --method prune")
+        if self.shared_per_layer is not None and any(v < 0 for v in self.shared_per_layer):
+            raise ConfigError(f"shared_per_layer counts must be >= 0, got {self.shared_per_layer}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.dtype not in (None, "fp32") and self.stage != "layerwise":
@@ -192,6 +209,18 @@ class ConvertConfig:
                 raise TooManyExpertsError(
                     f"--experts {self.n_experts} (+ {self.n_shared} shared) exceeds the FFN width d_ffn={d_ffn}"
                 )
+            if self.shared_per_layer is not None and self.n_experts + max(self.shared_per_layer, default=0) > d_ffn:
+                raise TooManyExpertsError(
+                    f"--experts {self.n_experts} (+ {max(self.shared_per_layer)} shared in one layer of shared_per_layer) "
+                    f"exceeds the FFN width d_ffn={d_ffn}"
+                )
+
+    def for_layer(self, i: int) -> ConvertConfig:
+        """The settings decoder layer ``i`` is converted with: ``n_shared`` from ``shared_per_layer``
+        where that is set, else these."""
+        if self.shared_per_layer is None:
+            return self
+        return replace(self, n_shared=int(self.shared_per_layer[i]))
 
     def _validate_partial_layout(self) -> None:
         """``validate`` before ``resolve_layout``: the layout fields given, and everything else."""
@@ -239,7 +268,7 @@ def resolve_device(name: str) -> Any:
 
 def _type_ok(name: str, value: Any) -> bool:
     """Does a recipe's ``value`` fit ConvertConfig field ``name`` (judged by its default)?"""
-    if name == "layers":
+    if name in ("layers", "shared_per_layer"):
         return value is None or (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
     if name == "dtype":
         return value is None or isinstance(value, str)

@@ -354,7 +354,7 @@ def layerwise_stage(
                 select = None
                 if scorer is not None:
                     select = _model_scorer(scorer, i, layer, store, batch, dev)
-                reports.append(_convert_layer(layer, i, store, kwargs, adapter, model.config, cfg, dev, len(chosen), select, dense, alpha))
+                reports.append(_convert_layer(layer, i, store, kwargs, adapter, model.config, cfg.for_layer(i), dev, len(chosen), select, dense, alpha))
                 if on_layer_done is not None:
                     on_layer_done(i, reports[-1], layer)
             elif dense is not None and i not in finished:  # left dense, or restored: the dense stream takes the dense FFN
@@ -434,6 +434,18 @@ def _best_initial_split(
     return min(scores, key=scores.__getitem__), scores, fitted
 
 
+@torch.no_grad()
+def hidden_sample(mlp: nn.Module, adapter: Adapter, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The dense FFN's neuron activations ``act(x W_gate) * (x W_up)`` on a sample of the tokens
+    ``x`` (fp32): what the initial splits and the importance scores are computed from."""
+    ffn = adapter.ffn_weights(mlp)
+    return activation_sample(
+        getattr(mlp, adapter.act_attr)(nn.functional.linear(x, _f32(ffn.gate), _f32(ffn.gate_bias)))
+        * nn.functional.linear(x, _f32(ffn.up), _f32(ffn.up_bias)),
+        seed=seed,
+    )
+
+
 def _convert_layer(
     layer: nn.Module, i: int, store: ActivationStore, kwargs: dict[str, Any], adapter: Adapter, config: Any,
     cfg: ConvertConfig, device: torch.device, n_converted: int, select: Callable[[], float] | None = None,
@@ -464,12 +476,7 @@ def _convert_layer(
     x_tr, y_tr, x_val, y_val = _split_train_val(x_in, y_out, cfg.val_fraction)
     del x_in, y_out
     ffn = adapter.ffn_weights(mlp)
-    with torch.no_grad():
-        h_sample = activation_sample(
-            getattr(mlp, adapter.act_attr)(nn.functional.linear(x_tr, _f32(ffn.gate), _f32(ffn.gate_bias)))
-            * nn.functional.linear(x_tr, _f32(ffn.up), _f32(ffn.up_bias)),
-            seed=cfg.seed + i,
-        )
+    h_sample = hidden_sample(mlp, adapter, x_tr, cfg.seed + i)
     data = (x_tr, y_tr, x_val, y_val)
     best = None
     if cfg.init == "best" and cfg.method in ("dot", "dot-frozen"):

@@ -136,6 +136,13 @@ class WorkDir:
             source = (fh.metadata() or {}).get("source", "resumed")
         return CalibrationSet(load_file(str(p))["ids"], source)
 
+    def save_allocation(self, shared: list[int], curves: list[dict[str, Any]]) -> None:
+        _atomic_json({"shared_per_layer": shared, "curves": curves}, self.path / "allocation.json")
+
+    def load_allocation(self) -> dict[str, Any] | None:
+        p = self.path / "allocation.json"
+        return json.loads(p.read_text()) if p.is_file() else None
+
     def layer_file(self, i: int) -> Path:
         return self.path / f"layer_{i:04d}.safetensors"
 
@@ -196,6 +203,8 @@ def _why_not_onload(src: Source, cfg: ConvertConfig, calib_files: list[str]) -> 
         return "data-free calibration samples text from the whole dense model (give --calib FILE)"
     if cfg.select == "model":
         return "--select model scores each layer's fits through the rest of the model"
+    if cfg.allocate != "uniform" and cfg.shared_per_layer is None:
+        return f"--allocate {cfg.allocate} measures each layer's pruned fits through the rest of the model"
     return None
 
 
@@ -296,6 +305,25 @@ def run_convert(
         work.save_calib(calib)
     log(f"calibration: {calib.source}; {calib.n_tokens} tokens in {calib.ids.shape[0]} x {calib.ids.shape[1]}")
 
+    allocation: dict[str, Any] | None = None
+    if cfg.allocate != "uniform" and cfg.shared_per_layer is None:
+        allocation = work.load_allocation() if resuming else None
+        if allocation is None:
+            from dataclasses import asdict
+
+            from .allocation import shared_per_layer
+
+            log(f"--allocate {cfg.allocate}: measuring each layer's held-out KL at a few shared counts")
+            shared, curves = shared_per_layer(model, calib.ids, cfg, d_ffn, batch=8, log=log)
+            allocation = {"shared_per_layer": shared, "curves": [asdict(c) for c in curves]}
+            work.save_allocation(shared, allocation["curves"])
+        cfg = replace(cfg, shared_per_layer=[int(v) for v in allocation["shared_per_layer"]])
+        log(f"--allocate {cfg.allocate}: shared neurons per layer {cfg.shared_per_layer} (mean {cfg.n_shared})")
+    if cfg.shared_per_layer is not None:
+        if len(cfg.shared_per_layer) != len(layers):
+            raise ConfigError(f"shared_per_layer has {len(cfg.shared_per_layer)} counts; the model has {len(layers)} layers")
+        cfg.validate(d_ffn)
+
     prefix = _layers_prefix(model, layers)
     reports: dict[int, LayerReport] = {}
     specs: dict[int, dict[str, Any]] = {}
@@ -351,6 +379,8 @@ def run_convert(
     layer_specs = [mlp_spec(layer.mlp) if isinstance(layer.mlp, MoefyMLP) else None for layer in moe.model.model.layers]
     record = build_record(model_spec, source, cfg, calib, layer_specs, ordered, e2e, time.time() - t0, d_ffn,
                           _loading(False, plan, dev))
+    if allocation is not None:
+        record["allocation"] = allocation
     save_checkpoint(moe, tok, out, record, overwrite=overwrite, max_shard_size=max_shard_size)
     shutil.rmtree(work.path, ignore_errors=True)
     return ConvertResult(out, record)

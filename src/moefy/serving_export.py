@@ -543,10 +543,17 @@ def _describe(model: MoefyForCausalLM, align: int = 1) -> str:
     mlps = [m for m in moe_layers(model) if m is not None]
     m = mlps[0]
     pad = padded_neurons(mlps, align)
+    width, shared = expert_width(mlps, align), max(x.n_shared for x in mlps)
+    # per token and layer: what the engine runs (padding included) against moefy's own modeling
+    exported = shared + float(m.top_k) * width
+    own = sum(x.n_shared + float(x.top_k) * sum(x.expert_sizes) / x.n_experts for x in mlps) / len(mlps)
     return (
-        f"{len(mlps)} MoE layers, {m.n_experts} experts x {expert_width(mlps, align)} neurons, top-{m.top_k}, "
-        f"{max(x.n_shared for x in mlps)} shared neurons, gating {m.gating}"
+        f"{len(mlps)} MoE layers, {m.n_experts} experts x {width} neurons, top-{m.top_k}, "
+        f"{shared} shared neurons, gating {m.gating}"
         + (f", {pad} all-zero padding neurons (exact)" if pad else "")
+        + (f"; the padding makes each token run {exported:.0f} FFN neurons per layer in the engine, against "
+           f"{own:.0f} on average in moefy's own modeling (layers with unequal shared blocks, e.g. --allocate kl)"
+           if exported > own * 1.05 else "")
     )
 
 
@@ -1243,8 +1250,10 @@ def export_model(
 
 def export_checkpoint(
     src: str | Path, fmt: str, out: str | Path, overwrite: bool = False, dtype: str = "f32", gguf_align: int = 1,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
-    """``moefy export``: load the moefy checkpoint ``src`` and write it as ``fmt`` to ``out``."""
+    """``moefy export``: load the moefy checkpoint ``src`` and write it as ``fmt`` to ``out``
+    (``log``: told what the export holds, and when padding makes the engine run more neurons)."""
     if fmt not in WRITERS:
         raise ConfigError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if dtype not in GGUF_DTYPES:
@@ -1260,7 +1269,10 @@ def export_checkpoint(
     if fmt == "hf":  # a file copy: no need to load the weights
         return write_hf(None, out, src_dir=check_moefy_dir(src), overwrite=overwrite)
     model = load_moefy_dir(src)
-    return export_model(model, fmt, out, src_dir=src, overwrite=overwrite, dtype=dtype, gguf_align=gguf_align)
+    path = export_model(model, fmt, out, src_dir=src, overwrite=overwrite, dtype=dtype, gguf_align=gguf_align)
+    if log is not None and any(m is not None for m in moe_layers(model)):
+        log(f"{fmt}: {_describe(model, gguf_align if fmt in GGUF_ARCHS else HF_ALIGN)}")
+    return path
 
 
 __all__ = [
