@@ -36,13 +36,14 @@ import torch
 from torch import nn
 
 from .activations import ActivationStore
-from .adapters import get_adapter
+from .adapters import Adapter, get_adapter
 from .config import ConvertConfig
 from .convert import (
     _first_tensor,
     _split_train_val,
     capture_inputs,
     collect_ffn_io,
+    held_out_inputs,
     hidden_sample,
     layers_to_convert,
     make_layer,
@@ -111,17 +112,14 @@ def measure(
     batches = list(calib.split(batch))
     store = ActivationStore([int(b.shape[0]) for b in batches])
     _, layer_kwargs = capture_inputs(model, adapter, batches, sink=store.put)
-
-    def hidden_in(j: int) -> torch.Tensor:
-        s = scorer.first + j
-        return store.get(s // batch)[s % batch : s % batch + 1]
+    hidden_in = held_out_inputs(scorer, store, batch)
 
     curves: list[LayerCurve] = []
     try:
         for i, layer in enumerate(layers):
             kwargs = to_device(layer_kwargs[i], dev)
             if i in chosen:
-                curves.append(_layer_curve(layer, i, store, kwargs, model.config, cfg, dev, lambda: scorer.score(i, hidden_in)))
+                curves.append(_layer_curve(layer, i, store, kwargs, adapter, model.config, cfg, dev, lambda: scorer.score(i, hidden_in)))
                 if log is not None:
                     c = curves[-1]
                     log(f"allocate: layer {i}: held-out KL " + ", ".join(f"{k:.4f} at {s}" for s, k in zip(c.shared, c.kl)))
@@ -135,10 +133,9 @@ def measure(
 
 
 def _layer_curve(
-    layer: nn.Module, i: int, store: ActivationStore, kwargs: dict[str, Any], config: Any, cfg: ConvertConfig,
-    device: torch.device, score: Callable[[], float],
+    layer: nn.Module, i: int, store: ActivationStore, kwargs: dict[str, Any], adapter: Adapter, config: Any,
+    cfg: ConvertConfig, device: torch.device, score: Callable[[], float],
 ) -> LayerCurve:
-    adapter = get_adapter(config)
     mlp = layer.mlp
     ffn = adapter.ffn_weights(mlp)
     x, y = collect_ffn_io(layer, mlp, (store.get(b).to(device) for b in range(len(store))), kwargs)

@@ -382,16 +382,24 @@ def layerwise_stage(
     return reports
 
 
+def held_out_inputs(scorer: HeldOutKL, store: ActivationStore, batch: int) -> Callable[[int], torch.Tensor]:
+    """``hidden_in`` for :meth:`HeldOutKL.score`: held-out sequence ``j``'s hidden states in ``store``
+    (``[1, seq, d_model]``; the store holds the calibration in batches of ``batch`` rows)."""
+
+    def hidden_in(j: int) -> torch.Tensor:
+        s = scorer.first + j
+        return store.get(s // batch)[s % batch : s % batch + 1]
+
+    return hidden_in
+
+
 def _model_scorer(
     scorer: HeldOutKL, i: int, layer: nn.Module, store: ActivationStore, batch: int, device: torch.device,
 ) -> Callable[[], float]:
     """The model-level score of whatever FFN sits in decoder layer ``i`` now: held-out KL through
     the rest of the (in-memory) model, run where the other layers are."""
     home = scorer.model.get_input_embeddings().weight.device
-
-    def hidden_in(j: int) -> torch.Tensor:
-        s = scorer.first + j
-        return store.get(s // batch)[s % batch : s % batch + 1]
+    hidden_in = held_out_inputs(scorer, store, batch)
 
     def score() -> float:
         if device != home:
