@@ -84,6 +84,28 @@ def test_convert_allocate_kl_spreads_the_shared_neurons_and_a_recipe_reproduces_
         assert torch.equal(a[k], b[k]), k
 
 
+def test_the_measurement_uses_at_most_allocate_tokens_of_the_calibration(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+    import moefy.allocation
+
+    model, calib = tiny_dir
+    seen: list[tuple[int, int]] = []
+    real = moefy.allocation.measure
+
+    def spy(model_, calib_ids, *a, **k):
+        seen.append(tuple(calib_ids.shape))
+        return real(model_, calib_ids, *a, **k)
+
+    monkeypatch.setattr(moefy.allocation, "measure", spy)
+    args = list(FLAGS)
+    args[args.index("--calib-tokens") + 1] = "512"
+    _run_cli(["convert", str(model), "--out", str(tmp_path / "kl"), "--calib", str(calib), *args, "--allocate", "kl",
+              "--allocate-tokens", "256"])
+    assert seen == [(256 // 32, 32)]  # the first 256 of the 512 calibration tokens
+    rec = _record(tmp_path / "kl")
+    assert rec["config"]["allocate_tokens"] == 256 and rec["config"]["calib_tokens"] == 512
+    assert sum(rec["config"]["shared_per_layer"]) == 8 * len(rec["layers"])
+
+
 def test_allocate_errors_are_one_line(tiny_dir, tmp_path):  # noqa: F811
     from moefy.runner import run_convert
 
@@ -99,6 +121,9 @@ def test_allocate_errors_are_one_line(tiny_dir, tmp_path):  # noqa: F811
         run_convert(str(model), tmp_path / "a", ConvertConfig(**{**base.to_dict(), "allocate": "kl"}), [str(calib)], onload=True, log=lambda m: None)
     with pytest.raises(ConfigError, match="shared_per_layer has 1 counts"):
         run_convert(str(model), tmp_path / "b", ConvertConfig(**{**base.to_dict(), "shared_per_layer": [8]}), [str(calib)], log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # refused before any work dir or output
+    with pytest.raises(ConfigError, match="--allocate-tokens 16 is less than one sequence"):
+        ConvertConfig(**{**base.to_dict(), "allocate": "kl", "allocate_tokens": 16}).validate()
     with pytest.raises(TooManyExpertsError, match="exceeds the FFN width"):
         ConvertConfig(**{**base.to_dict(), "shared_per_layer": [8, 10_000]}).validate(72)
 

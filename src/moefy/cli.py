@@ -71,6 +71,7 @@ def convert(
     shared: Annotated[Optional[int], typer.Option("--shared", help="Always-active shared neurons per layer (taken from the routed budget). [default: 0]", show_default=False)] = None,
     shared_by: Annotated[Optional[str], typer.Option(help="Shared neurons chosen by: rate (CMoE: most often active) | importance (|activation| x down norm, as prune). [default: rate]", show_default=False)] = None,
     allocate: Annotated[str, typer.Option(help="Shared neurons per layer: uniform (--shared in every layer) | kl (measured per layer on the calibration text and moved to the layers whose held-out KL drops most; the mean stays --shared; needs the whole model in memory)")] = "uniform",
+    allocate_tokens: Annotated[int, typer.Option(help="--allocate kl measures on at most this many of the calibration tokens (the first ones).")] = 16384,
     calib: Annotated[Optional[list[Path]], typer.Option("--calib", help="Calibration text (.txt/.jsonl/.json); repeatable. None: data-free.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration token budget.")] = 32768,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
@@ -127,7 +128,7 @@ def convert(
     flags: dict[str, tuple[str, Any]] = {  # CLI parameter -> (ConvertConfig field, value)
         "active": ("active", active), "experts": ("n_experts", experts), "top_k": ("top_k", top_k),
         "shared": ("n_shared", shared), "shared_by": ("shared_by", shared_by), "method": ("method", method),
-        "allocate": ("allocate", allocate),
+        "allocate": ("allocate", allocate), "allocate_tokens": ("allocate_tokens", allocate_tokens),
         "stage": ("stage", stage), "seed": ("seed", seed), "calib_tokens": ("calib_tokens", calib_tokens),
         "seq_len": ("seq_len", seq_len), "weights": ("weights", weights), "steps": ("steps", steps),
         "e2e_steps": ("e2e_steps", e2e_steps), "e2e_val_sequences": ("e2e_val_sequences", e2e_val_sequences),

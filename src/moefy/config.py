@@ -41,6 +41,9 @@ class ConvertConfig:
     # reproduces the conversion without measuring again)
     allocate: str = "uniform"
     shared_per_layer: list[int] | None = None
+    # the measurement of --allocate kl uses at most this many of the calibration tokens (the first
+    # ones): its cost then does not grow with --calib-tokens (docs/BENCHMARKS.md 6.12)
+    allocate_tokens: int = 16384
     stage: str = "layerwise"
     seed: int = 0
     # calibration
@@ -194,6 +197,8 @@ class ConvertConfig:
                               "give --shared N (or --active)")
         if self.allocate != "uniform" and self.method == "prune":
             raise ConfigError(f"--allocate {self.allocate} needs a routed layout with shared neurons, not --method prune")
+        if self.allocate_tokens < self.seq_len:
+            raise ConfigError(f"--allocate-tokens {self.allocate_tokens} is less than one sequence of --seq-len {self.seq_len}")
         if self.shared_per_layer is not None and any(v < 0 for v in self.shared_per_layer):
             raise ConfigError(f"shared_per_layer counts must be >= 0, got {self.shared_per_layer}")
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -287,6 +287,8 @@ def run_convert(
     cfg = replace(cfg, drift_correction=drift_correction_for(cfg, adapter))  # the value used, as moefy.json records it
     if cfg.layers is not None and any(i < 0 or i >= len(layers) for i in cfg.layers):
         raise ConfigError(f"--layers must be within 0..{len(layers) - 1}")
+    if cfg.shared_per_layer is not None and len(cfg.shared_per_layer) != len(layers):
+        raise ConfigError(f"shared_per_layer has {len(cfg.shared_per_layer)} counts; the model has {len(layers)} layers")
     shape = layer_shape(model, layers, d_ffn, dtype.itemsize, whole=not layer_by_layer)
     plan = plan_memory(shape, calib_token_bound(cfg), budget, cfg.batch_tokens, streams=2 if cfg.drift_correction else 1)
     mode = "layer by layer from the safetensors files" if layer_by_layer else "whole"
@@ -313,15 +315,15 @@ def run_convert(
 
             from .allocation import shared_per_layer
 
-            log(f"--allocate {cfg.allocate}: measuring each layer's held-out KL at a few shared counts")
-            shared, curves = shared_per_layer(model, calib.ids, cfg, d_ffn, batch=8, log=log)
+            rows = max(1, min(calib.ids.shape[0], cfg.allocate_tokens // calib.ids.shape[1]))
+            log(f"--allocate {cfg.allocate}: measuring each layer's held-out KL at a few shared counts "
+                f"(on the first {rows * calib.ids.shape[1]} calibration tokens)")
+            shared, curves = shared_per_layer(model, calib.ids[:rows], cfg, d_ffn, batch=8, log=log)
             allocation = {"shared_per_layer": shared, "curves": [asdict(c) for c in curves]}
             work.save_allocation(shared, allocation["curves"])
         cfg = replace(cfg, shared_per_layer=[int(v) for v in allocation["shared_per_layer"]])
         log(f"--allocate {cfg.allocate}: shared neurons per layer {cfg.shared_per_layer} (mean {cfg.n_shared})")
     if cfg.shared_per_layer is not None:
-        if len(cfg.shared_per_layer) != len(layers):
-            raise ConfigError(f"shared_per_layer has {len(cfg.shared_per_layer)} counts; the model has {len(layers)} layers")
         cfg.validate(d_ffn)
 
     prefix = _layers_prefix(model, layers)
