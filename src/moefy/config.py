@@ -197,7 +197,7 @@ class ConvertConfig:
                               "give --shared N (or --active)")
         if self.allocate != "uniform" and self.method == "prune":
             raise ConfigError(f"--allocate {self.allocate} needs a routed layout with shared neurons, not --method prune")
-        if self.allocate_tokens < self.seq_len:
+        if self.allocate != "uniform" and self.allocate_tokens < self.seq_len:
             raise ConfigError(f"--allocate-tokens {self.allocate_tokens} is less than one sequence of --seq-len {self.seq_len}")
         if self.shared_per_layer is not None and any(v < 0 for v in self.shared_per_layer):
             raise ConfigError(f"shared_per_layer counts must be >= 0, got {self.shared_per_layer}")
