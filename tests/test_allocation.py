@@ -112,6 +112,7 @@ def test_allocate_errors_are_one_line(tiny_dir, tmp_path):  # noqa: F811
     model, calib = tiny_dir
     with pytest.raises(ConfigError, match="has none"):
         ConvertConfig(allocate="kl").validate()
+    ConvertConfig(active=0.25, allocate="kl").validate()  # --active chooses the shared neurons later
     with pytest.raises(ConfigError, match="unknown --allocate"):
         ConvertConfig(n_shared=8, allocate="owl").validate()
     with pytest.raises(ConfigError, match="prune"):

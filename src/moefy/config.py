@@ -236,8 +236,8 @@ class ConvertConfig:
             picked.n_experts = max(2, picked.top_k if "top_k" in given else 2, picked.max_active or 2)
         if "top_k" not in given:
             picked.top_k = 1
-        if "n_shared" not in given:
-            picked.n_shared = 0
+        if "n_shared" not in given:  # --allocate needs shared neurons: checked again once --active has chosen them
+            picked.n_shared = 0 if self.allocate == "uniform" else 1
         if "shared_by" not in given:
             picked.shared_by = "importance"
         picked.validate()
