@@ -110,8 +110,8 @@ def main() -> None:
         path = args.out / f"{args.layout}-{n}{args.tag}"
         t0 = time.time()
         if not (path / "moefy.json").is_file():
-            cfg = ConvertConfig(n_experts=E, top_k=k, n_shared=shared, shared_by=shared_by, calib_tokens=n, seq_len=512,
-                                **settings)
+            cfg = ConvertConfig(**{"n_experts": E, "top_k": k, "n_shared": shared, "shared_by": shared_by, "calib_tokens": n,
+                                   "seq_len": 512, **settings})
             run_convert(args.model, path, cfg, calib_specs, overwrite=True, log=lambda m: print("convert:", m, flush=True))
             convert_s = round(time.time() - t0, 1)
         else:

@@ -140,3 +140,36 @@ def test_shipped_allocated_recipe_keeps_the_25_percent_layout_on_average():
     lay = layout_for(0.25, 1536)
     assert (cfg.n_experts, cfg.top_k, cfg.n_shared, cfg.shared_by) == (lay.n_experts, lay.top_k, lay.n_shared, "importance")
     assert cfg.allocate == "kl" and len(cfg.shared_per_layer) == 30 and sum(cfg.shared_per_layer) == 30 * cfg.n_shared
+
+
+def test_shared_by_obs_orders_every_layer_for_the_measurement_and_the_conversion(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
+    """--shared-by obs: the KL curves are measured on the OBS order the conversion then picks its
+    shared block from (one order per layer for each), and the record says so."""
+    import moefy.allocation
+    import moefy.convert
+
+    calls: list[str] = []
+    real = moefy.convert.neuron_order
+
+    def spy(where):
+        def wrapped(*a, **k):
+            calls.append(where)
+            return real(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(moefy.allocation, "neuron_order", spy("measure"))
+    monkeypatch.setattr(moefy.convert, "neuron_order", spy("convert"))
+    model, calib = tiny_dir
+    flags = [f if f != "importance" else "obs" for f in FLAGS]
+    _run_cli(["convert", str(model), "--out", str(tmp_path / "obs"), "--calib", str(calib), *flags, "--allocate", "kl"])
+    rec = _record(tmp_path / "obs")
+    n_layers = len(rec["layers"])
+    assert rec["config"]["shared_by"] == "obs"
+    assert calls == ["measure"] * n_layers + ["convert"] * n_layers
+    assert sum(rec["config"]["shared_per_layer"]) == 8 * n_layers
+    # prune by the OBS order: one order per layer, the kept count as prune's
+    calls.clear()
+    _run_cli(["convert", str(model), "--out", str(tmp_path / "prune"), "--calib", str(calib), "--method", "prune", *flags])
+    rec = _record(tmp_path / "prune")
+    assert calls == ["convert"] * n_layers
+    assert all(layer["n_shared"] == rec["layers"][0]["n_shared"] > 0 for layer in rec["layers"])

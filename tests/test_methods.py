@@ -384,3 +384,57 @@ def test_drift_correction_spilled_to_disk_is_bit_identical(tmp_path):
     a, b = _moe_state(mem), _moe_state(spilled)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not list(tmp_path.iterdir())
+
+
+def _lstsq_error(h, y, keep):
+    w = torch.linalg.lstsq(h[:, keep].double(), y.double()).solution
+    return float((h[:, keep].double() @ w - y.double()).pow(2).sum() / y.double().pow(2).sum())
+
+
+def test_obs_order_is_a_permutation_that_sees_redundant_neurons():
+    """Two copies of the strongest neuron: importance keeps both, OBS keeps one and the neuron
+    the copy cannot stand in for, so its kept set fits the target exactly."""
+    from moefy.splits import obs_order, pruning_importance
+
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(400, 1, generator=g) for _ in range(3))
+    h = torch.cat([3 * a, 3 * a, b, 0.1 * c], dim=1)  # neurons 0 and 1 are the same
+    down = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    y = h @ down.T
+    order = obs_order(h.T @ h, h.T @ y, block=1)
+    assert sorted(order.tolist()) == [0, 1, 2, 3]
+    kept = order[:3].tolist()
+    assert 2 in kept and not {0, 1} <= set(kept[:2])
+    ffn = FFNWeights(torch.zeros(4, 1), torch.zeros(4, 1), down)
+    by_importance = pruning_importance(h, ffn).topk(2).indices
+    assert set(by_importance.tolist()) == {0, 1}
+    assert _lstsq_error(h, y, order[:2]) < 0.01 < _lstsq_error(h, y, by_importance)
+
+
+def test_obs_prefixes_fit_no_worse_than_importance_on_random_layers():
+    from moefy.splits import obs_order, pruning_importance
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 16, generator=g)
+    ffn = _ffn(n=48, d=16, seed=3)
+    h = torch.nn.functional.silu(x @ ffn.gate.T) * (x @ ffn.up.T)
+    y = h @ ffn.down.T
+    order = obs_order(h.T @ h, h.T @ y)
+    imp = pruning_importance(h, ffn)
+    for keep in (6, 12, 24):
+        assert _lstsq_error(h, y, order[:keep]) <= _lstsq_error(h, y, imp.topk(keep).indices) + 1e-9
+
+
+@pytest.mark.parametrize("method", ["dot", "prune"])
+def test_shared_by_obs_takes_the_order_given(method):
+    from moefy.convert import active_fraction
+
+    ffn = _ffn()
+    h = torch.randn(300, 172, generator=torch.Generator().manual_seed(1))
+    order = torch.randperm(172, generator=torch.Generator().manual_seed(2))
+    cfg = ConvertConfig(method=method, n_experts=8, top_k=2, n_shared=12, shared_by="obs")
+    split = initial_split(method, cfg.init, ffn, h, cfg, seed=5, order=order)
+    n = 12 if method == "dot" else round(active_fraction(cfg, 172) * 172)
+    assert split.shared.tolist() == sorted(order[:n].tolist())
+    with pytest.raises(ValueError, match="OBS order"):
+        initial_split(method, cfg.init, ffn, h, cfg, seed=5)

@@ -9,7 +9,8 @@ nats per token for layer 0, and by 0.03-0.06 for each of the other 29 (docs/BENC
 
 1. the calibration text goes through the dense model layer by layer (as the layer-wise stage does);
 2. at each layer, for a few shared counts ``s`` (:data:`GRID` x ``n_shared``, and the most a layer
-   can hold), the FFN is replaced by its ``s + k (d_ffn - s) / E`` most important neurons with
+   can hold), the FFN is replaced by its ``s + k (d_ffn - s) / E`` first neurons (by importance, or
+   with ``--shared-by obs`` in the OBS order the conversion will pick its shared block from) with
    ``W_down`` refitted (the same fit as ``--method prune``; the routed experts' neurons counted
    as if always on), and the model's KL to the dense model is measured on the held-out
    calibration sequences (:class:`moefy.model_select.HeldOutKL`, run from that layer up);
@@ -47,6 +48,7 @@ from .convert import (
     hidden_sample,
     layers_to_convert,
     make_layer,
+    neuron_order,
     to_device,
 )
 from .layerwise import fit_layer
@@ -141,12 +143,15 @@ def _layer_curve(
     x, y = collect_ffn_io(layer, mlp, (store.get(b).to(device) for b in range(len(store))), kwargs)
     data = _split_train_val(x, y, cfg.val_fraction)
     del x, y
-    importance = pruning_importance(hidden_sample(mlp, adapter, data[0], cfg.seed + i), ffn)
+    if cfg.shared_by == "obs":  # the neurons the conversion will keep first
+        order = neuron_order(mlp, adapter, data[0], data[1])
+    else:
+        order = pruning_importance(hidden_sample(mlp, adapter, data[0], cfg.seed + i), ffn).argsort(descending=True)
     fixed = replace(cfg, method="prune", steps=0, weights="ridge", shared_per_layer=None, allocate="uniform")
     curve = LayerCurve(i)
     for s in grid_points(cfg, ffn.d_ffn):
         keep = int(round(active_neurons(s, ffn.d_ffn, cfg.n_experts, cfg.top_k)))
-        split = Split(torch.sort(importance.topk(keep).indices).values.cpu(), [])
+        split = Split(torch.sort(order[:keep]).values.cpu(), [])
         cand = make_layer(mlp, adapter, config, split, fixed)
         fit_layer(cand, *data, fixed, i)
         cand.eval()

@@ -24,6 +24,7 @@ DEFAULT_DRIFT_CORRECTION = 0.5
 # --allocate: how shared neurons are spread over the layers (moefy.allocation)
 ALLOCATIONS = ("uniform", "kl")
 LAYOUT_FIELDS = ("n_experts", "top_k", "n_shared", "shared_by")
+SHARED_BY_RULES = ("rate", "importance", "obs")
 
 
 @dataclass
@@ -34,7 +35,10 @@ class ConvertConfig:
     top_k: int = 2
     method: str = "dot"
     n_shared: int = 0
-    shared_by: str = "rate"  # shared neurons: "rate" (CMoE: most often active) | "importance" (as --method prune)
+    # shared neurons: "rate" (CMoE: most often active) | "importance" (|activation| x down norm) |
+    # "obs" (greedy structured Optimal Brain Surgeon on the layer's target: splits.obs_order);
+    # with --method prune, "obs" also picks the kept neurons
+    shared_by: str = "rate"
     # how the shared neurons are spread over the layers: "uniform" (n_shared in every layer) or "kl"
     # (moefy.allocation: measured per layer on the calibration text, the mean kept at n_shared);
     # shared_per_layer, one count per decoder layer, is what "kl" chose (a recipe that gives it
@@ -166,8 +170,8 @@ class ConvertConfig:
             or not 0 <= self.drift_correction <= 1
         ):
             raise ConfigError(f"--drift-correction must be a number in [0, 1], got {self.drift_correction!r}")
-        if self.shared_by not in ("rate", "importance"):
-            raise ConfigError(f"unknown --shared-by {self.shared_by!r}; choose rate or importance")
+        if self.shared_by not in SHARED_BY_RULES:
+            raise ConfigError(f"unknown --shared-by {self.shared_by!r}; choose {', '.join(SHARED_BY_RULES)}")
         if self.token_weighting not in ("clip", "none"):
             raise ConfigError(f"unknown token weighting {self.token_weighting!r}; choose clip or none")
         if self.init not in INITS:

@@ -39,6 +39,7 @@ from .splits import (
     act_cluster_split,
     activation_sample,
     choose_shared,
+    obs_order,
     param_cluster_split,
     pruning_importance,
     random_split,
@@ -166,16 +167,25 @@ def advance_dense_stream(
 
 
 def initial_split(
-    method: str, init: str, ffn: Any, h: torch.Tensor, cfg: ConvertConfig, seed: int
+    method: str, init: str, ffn: Any, h: torch.Tensor, cfg: ConvertConfig, seed: int,
+    order: torch.Tensor | None = None,
 ) -> Split:
-    """The split a method starts from (the only thing that differs between methods)."""
+    """The split a method starts from (the only thing that differs between methods).  ``order``
+    (``--shared-by obs``: :func:`neuron_order`) ranks the neurons for the shared block, and for
+    ``prune`` the kept ones."""
     d_ffn = ffn.d_ffn
     active = active_fraction(cfg, d_ffn)
+    if cfg.shared_by == "obs" and order is None and (method == "prune" or cfg.n_shared > 0):
+        raise ValueError("--shared-by obs needs the neurons' OBS order (neuron_order)")
     if method == "prune":
         keep = int(round(active * d_ffn))
+        if cfg.shared_by == "obs" and order is not None:
+            return Split(torch.sort(order[:keep].to(h.device)).values, [])
         imp = pruning_importance(h, ffn)
         return Split(torch.sort(imp.topk(keep).indices).values, [])
-    if cfg.shared_by == "importance" and cfg.n_shared > 0:
+    if cfg.shared_by == "obs" and order is not None and cfg.n_shared > 0:
+        shared = torch.sort(order[: cfg.n_shared].to(h.device)).values
+    elif cfg.shared_by == "importance" and cfg.n_shared > 0:
         shared = torch.sort(pruning_importance(h, ffn).topk(cfg.n_shared).indices).values
     else:
         shared = choose_shared(h, cfg.n_shared, active)
@@ -185,6 +195,12 @@ def initial_split(
     if kind == "param-cluster":
         return param_cluster_split(ffn, cfg.n_experts, seed, shared)
     return act_cluster_split(h, cfg.n_experts, cfg.top_k / cfg.n_experts, seed, shared)
+
+
+def needs_order(cfg: ConvertConfig) -> bool:
+    """Whether a layer's conversion needs :func:`neuron_order` (``--shared-by obs`` with shared
+    neurons, or ``--method prune``)."""
+    return cfg.shared_by == "obs" and (cfg.method == "prune" or cfg.n_shared > 0)
 
 
 def make_layer(mlp: nn.Module, adapter: Adapter, config: Any, split: Split, cfg: ConvertConfig) -> DotMoeLayer:
@@ -416,6 +432,7 @@ def _model_scorer(
 def _best_initial_split(
     layer: nn.Module, mlp: nn.Module, adapter: Adapter, config: Any, ffn: Any, h_sample: torch.Tensor, cfg: ConvertConfig,
     i: int, n_converted: int, data: tuple[torch.Tensor, ...], select: Callable[[], float] | None,
+    order: torch.Tensor | None = None,
 ) -> tuple[str, dict[str, float], dict[str, tuple[DotMoeLayer, LayerReport]]]:
     """``--init best``: each candidate heuristic split (``BEST_INIT_CANDIDATES``) fitted without
     training (least-squares router, the configured weight refit) and scored on held-out tokens:
@@ -424,7 +441,7 @@ def _best_initial_split(
     scores: dict[str, float] = {}
     fitted: dict[str, tuple[DotMoeLayer, LayerReport]] = {}
     for kind in BEST_INIT_CANDIDATES:
-        split = initial_split(kind, kind, ffn, h_sample, cfg, cfg.seed + i)
+        split = initial_split(kind, kind, ffn, h_sample, cfg, cfg.seed + i, order)
         split = Split(split.shared.cpu(), [e.cpu() for e in split.experts])
         fixed = replace(cfg, method=kind, steps=0)
         cand = make_layer(mlp, adapter, config, split, fixed)
@@ -452,6 +469,27 @@ def hidden_sample(mlp: nn.Module, adapter: Adapter, x: torch.Tensor, seed: int) 
         * nn.functional.linear(x, _f32(ffn.up), _f32(ffn.up_bias)),
         seed=seed,
     )
+
+
+@torch.no_grad()
+def neuron_order(mlp: nn.Module, adapter: Adapter, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Every neuron of the dense FFN ``mlp``, most worth keeping first, by greedy structured OBS
+    (:func:`moefy.splits.obs_order`) for the target ``y`` on the inputs ``x`` (``--shared-by obs``).
+    The Gram matrices are summed in fp32 over chunks of ``chunk`` tokens."""
+    ffn = adapter.ffn_weights(mlp)
+    act = getattr(mlp, adapter.act_attr)
+    bias = ffn.down_bias.float() if ffn.down_bias is not None else None
+    gram = cross = None
+    for s in range(0, x.shape[0], chunk):
+        xs = x[s : s + chunk]
+        h = act(nn.functional.linear(xs, _f32(ffn.gate), _f32(ffn.gate_bias))) * nn.functional.linear(xs, _f32(ffn.up), _f32(ffn.up_bias))
+        ys = y[s : s + chunk].float()
+        if bias is not None:
+            ys = ys - bias
+        gram = h.T @ h if gram is None else gram.add_(h.T @ h)
+        cross = h.T @ ys if cross is None else cross.add_(h.T @ ys)
+    assert gram is not None and cross is not None
+    return obs_order(gram, cross, block=max(1, ffn.d_ffn // 96)).cpu()
 
 
 def _convert_layer(
@@ -485,14 +523,15 @@ def _convert_layer(
     del x_in, y_out
     ffn = adapter.ffn_weights(mlp)
     h_sample = hidden_sample(mlp, adapter, x_tr, cfg.seed + i)
+    order = neuron_order(mlp, adapter, x_tr, y_tr) if needs_order(cfg) else None
     data = (x_tr, y_tr, x_val, y_val)
     best = None
     if cfg.init == "best" and cfg.method in ("dot", "dot-frozen"):
-        kind, init_scores, fitted = _best_initial_split(layer, mlp, adapter, config, ffn, h_sample, cfg, i, n_converted, data, select)
+        kind, init_scores, fitted = _best_initial_split(layer, mlp, adapter, config, ffn, h_sample, cfg, i, n_converted, data, select, order)
         best = kind, init_scores, fitted[kind]
         split = best[2][0].split()
     else:
-        split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i)
+        split = initial_split(cfg.method, cfg.init, ffn, h_sample, cfg, cfg.seed + i, order)
     split = Split(split.shared.cpu(), [e.cpu() for e in split.experts])  # index bookkeeping on the CPU
     del h_sample
     dot = make_layer(mlp, adapter, config, split, cfg)

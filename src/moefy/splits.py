@@ -142,3 +142,54 @@ def act_cluster_split(
 def pruning_importance(h: torch.Tensor, ffn: FFNWeights) -> torch.Tensor:
     """Structured-pruning score of each neuron: mean |activation| times its down-column norm."""
     return h.abs().mean(dim=0) * ffn.down.detach().float().norm(dim=0)
+
+
+def obs_order(gram: torch.Tensor, cross: torch.Tensor, keep: int = 0, damp: float = 1e-3, block: int = 8) -> torch.Tensor:
+    """Neurons from most to least worth keeping, by greedy structured Optimal Brain Surgeon
+    (the structured OBS of ZipLM / OBC, applied to whole FFN neurons).
+
+    ``gram`` is ``H^T H`` and ``cross`` is ``H^T Y`` over calibration tokens (``H`` the neuron
+    activations, ``Y`` the layer's target).  Starting from all neurons with the least-squares
+    ``W = (H^T H + lam I)^-1 H^T Y``, it removes, ``block`` at a time, the neurons whose removal
+    raises ``||H W - Y||^2`` least *after* the others' down-projections are refitted to make up
+    for them (``||W_i||^2 / [G^-1]_ii``), updating ``G^-1`` and ``W`` in closed form.  Unlike
+    :func:`pruning_importance`, which scores each neuron alone, it sees that two correlated
+    neurons can stand in for each other.  Measured at SmolLM2-135M layer 15 (50% kept, held-out
+    error after moefy's ridge refit): 0.122 against importance's 0.142 (docs/BENCHMARKS.md 6.13).
+
+    The first ``keep`` entries of the result are the greedy choice of ``keep`` neurons, and
+    removal stops there (the rest follow in their importance order at that point), so one call
+    with ``keep = 0`` orders every neuron.  Runs in float64 on ``gram``'s device: ``O(n^3)``,
+    about ``d_ffn^3 / 3`` multiply-adds per block of ``d_ffn / block`` removals' worth."""
+    n = gram.shape[0]
+    g = gram.double()
+    lam = damp * float(g.diagonal().mean()) if n else 0.0
+    g_inv = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(n, dtype=g.dtype, device=g.device)))
+    w = g_inv @ cross.double()
+    alive = torch.ones(n, dtype=torch.bool, device=g.device)
+    removed: list[torch.Tensor] = []
+    n_alive = n
+    while n_alive > keep:
+        cost = w.pow(2).sum(1) / g_inv.diagonal().clamp_min(1e-300)
+        cost[~alive] = float("inf")
+        b = min(block, n_alive - keep)
+        drop = cost.topk(b, largest=False).indices
+        gib = g_inv[:, drop]
+        inv_bb = torch.linalg.inv(gib[drop])
+        w -= gib @ (inv_bb @ w[drop])
+        g_inv -= gib @ inv_bb @ gib.T
+        alive[drop] = False
+        w[drop] = 0.0
+        g_inv[drop, :] = 0.0
+        g_inv[:, drop] = 0.0
+        g_inv[drop, drop] = 1.0
+        removed.append(drop)
+        n_alive -= b
+    survivors = alive.nonzero().squeeze(1)
+    if survivors.numel():
+        # the survivors' order: least removal cost last
+        cost = w[survivors].pow(2).sum(1) / g_inv.diagonal()[survivors]
+        survivors = survivors[cost.argsort(descending=True)]
+    if not removed:
+        return survivors
+    return torch.cat([survivors, torch.cat(removed).flip(0)])  # the last removed first
