@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from moefy.config import ConvertConfig, load_convert_recipe
 from moefy.errors import ConfigError, TooFewExpertsError, TooManyExpertsError, TopKTooLargeError
-from moefy.layouts import EXPERT_SIZE, MEASURED, Layout, layout_for
+from moefy.layouts import EXPERT_SIZE, MEASURED, SHARED_BY, Layout, layout_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = [0.01, 0.05, 0.1, 0.125, 0.2, 0.25, 0.3, 1 / 3, 0.4, 0.5, 0.6, 2 / 3, 0.75, 0.9, 0.99]
@@ -30,13 +30,13 @@ def token_extremes(lay: Layout, d_ffn: int) -> tuple[int, int]:
 def assert_valid(lay: Layout, d_ffn: int) -> None:
     assert lay.n_experts >= 2 and 1 <= lay.top_k <= lay.n_experts, lay
     assert lay.n_shared >= 0 and lay.n_experts + lay.n_shared <= d_ffn, lay
-    assert lay.shared_by == "importance"
+    assert lay.shared_by == SHARED_BY == "obs"
 
 
 # ------------------------------------------------------------------------------- the rule
 def test_measured_smollm2_layouts_are_reproduced():
-    assert layout_for(0.25, 1536) == Layout(26, 2, 288, "importance")
-    assert layout_for(0.5, 1536) == Layout(20, 4, 576, "importance")
+    assert layout_for(0.25, 1536) == Layout(26, 2, 288, SHARED_BY)
+    assert layout_for(0.5, 1536) == Layout(20, 4, 576, SHARED_BY)
     for (f, d), lay in MEASURED.items():
         assert layout_for(f, d) == Layout(*lay)
     for f in (0.25, 0.5):  # experts of exactly 48 neurons, every token exactly f * d_ffn
@@ -107,7 +107,7 @@ def test_resolve_layout_fills_what_active_picks_and_keeps_explicit_fields():
     cfg = ConvertConfig(active=0.25)
     cfg.validate()
     got = cfg.resolve_layout(1536)
-    assert (got.n_experts, got.top_k, got.n_shared, got.shared_by) == (26, 2, 288, "importance")
+    assert (got.n_experts, got.top_k, got.n_shared, got.shared_by) == (26, 2, 288, SHARED_BY)
     assert got.active == 0.25 and cfg.n_experts == 8  # a new config; the original is unchanged
     got.validate(1536)
     assert got.resolve_layout(1536) == got  # idempotent
@@ -164,7 +164,7 @@ def test_cli_defaults_unchanged_without_active(monkeypatch, tmp_path):
 def test_cli_active_and_explicit_overrides(monkeypatch, tmp_path):
     _, cfg = _cli_config(monkeypatch, ["convert", "m", "--out", str(tmp_path / "o"), "--active", "0.25"])
     assert cfg.active == 0.25 and cfg.explicit_layout == []
-    assert cfg.resolve_layout(1536) == ConvertConfig(active=0.25, n_experts=26, top_k=2, n_shared=288, shared_by="importance")
+    assert cfg.resolve_layout(1536) == ConvertConfig(active=0.25, n_experts=26, top_k=2, n_shared=288, shared_by=SHARED_BY)
     _, cfg = _cli_config(monkeypatch, ["convert", "m", "--out", str(tmp_path / "o"), "--active", "0.5", "--top-k", "2",
                                        "--shared-by", "rate"])
     assert cfg.explicit_layout == ["top_k", "shared_by"]
@@ -201,6 +201,7 @@ def test_shipped_recipes_are_the_measured_layouts():
         cfg = ConvertConfig(**rec.config)
         cfg.validate(1536)
         lay = layout_for(frac, 1536)
+        # the recipes record the measured conversions (shared neurons by importance, before 6.13)
         assert (cfg.n_experts, cfg.top_k, cfg.n_shared, cfg.shared_by) == (lay.n_experts, lay.top_k, lay.n_shared, "importance")
         assert (cfg.calib_tokens, cfg.seq_len) == (16384, 512)
         assert cfg.drift_correction == 0.5  # what the default gives these shared layouts, written out
@@ -329,7 +330,7 @@ def test_run_convert_with_active_measures_the_requested_fraction(tiny_dir, tmp_p
         lay = layout_for(frac, 72)
         rec = json.loads((res.out / "moefy.json").read_text())
         assert (rec["n_experts"], rec["top_k"], rec["n_shared"]) == (lay.n_experts, lay.top_k, lay.n_shared)
-        assert rec["config"]["active"] == frac and rec["config"]["shared_by"] == "importance"
+        assert rec["config"]["active"] == frac and rec["config"]["shared_by"] == SHARED_BY
         assert abs(rec["active_fraction"] * 72 - frac * 72) <= 1 + 1e-9
         for layer in rec["layers"]:  # every token of every layer: shared + its k experts
             sizes = sorted(layer["expert_sizes"])

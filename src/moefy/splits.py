@@ -160,9 +160,12 @@ def obs_order(gram: torch.Tensor, cross: torch.Tensor, keep: int = 0, damp: floa
     The first ``keep`` entries of the result are the greedy choice of ``keep`` neurons, and
     removal stops there (the rest follow in their importance order at that point), so one call
     with ``keep = 0`` orders every neuron.  Runs in float64 on ``gram``'s device: ``O(n^3)``,
-    about ``d_ffn^3 / 3`` multiply-adds per block of ``d_ffn / block`` removals' worth."""
+    about ``d_ffn^3`` multiply-adds in all (``d_ffn / block`` rank-``block`` updates of ``G^-1``)."""
     n = gram.shape[0]
-    g = gram.double()
+    home = gram.device
+    # float64 for the rank updates; Apple's MPS has none, so there the (d_ffn x d_ffn) work runs on the CPU
+    g = gram.to("cpu" if home.type == "mps" else home).double()
+    cross = cross.to(g.device)
     lam = damp * float(g.diagonal().mean()) if n else 0.0
     g_inv = torch.cholesky_inverse(torch.linalg.cholesky(g + lam * torch.eye(n, dtype=g.dtype, device=g.device)))
     w = g_inv @ cross.double()
@@ -191,5 +194,5 @@ def obs_order(gram: torch.Tensor, cross: torch.Tensor, keep: int = 0, damp: floa
         cost = w[survivors].pow(2).sum(1) / g_inv.diagonal()[survivors]
         survivors = survivors[cost.argsort(descending=True)]
     if not removed:
-        return survivors
-    return torch.cat([survivors, torch.cat(removed).flip(0)])  # the last removed first
+        return survivors.to(home)
+    return torch.cat([survivors, torch.cat(removed).flip(0)]).to(home)  # the last removed first
