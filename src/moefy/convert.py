@@ -175,15 +175,16 @@ def initial_split(
     ``prune`` the kept ones."""
     d_ffn = ffn.d_ffn
     active = active_fraction(cfg, d_ffn)
-    if cfg.shared_by == "obs" and order is None and (method == "prune" or cfg.n_shared > 0):
+    by_order = needs_order(cfg, method)
+    if by_order and order is None:
         raise ValueError("--shared-by obs needs the neurons' OBS order (neuron_order)")
     if method == "prune":
         keep = int(round(active * d_ffn))
-        if cfg.shared_by == "obs" and order is not None:
+        if by_order:
             return Split(torch.sort(order[:keep].to(h.device)).values, [])
         imp = pruning_importance(h, ffn)
         return Split(torch.sort(imp.topk(keep).indices).values, [])
-    if cfg.shared_by == "obs" and order is not None and cfg.n_shared > 0:
+    if by_order:
         shared = torch.sort(order[: cfg.n_shared].to(h.device)).values
     elif cfg.shared_by == "importance" and cfg.n_shared > 0:
         shared = torch.sort(pruning_importance(h, ffn).topk(cfg.n_shared).indices).values
@@ -197,10 +198,10 @@ def initial_split(
     return act_cluster_split(h, cfg.n_experts, cfg.top_k / cfg.n_experts, seed, shared)
 
 
-def needs_order(cfg: ConvertConfig) -> bool:
-    """Whether a layer's conversion needs :func:`neuron_order` (``--shared-by obs`` with shared
-    neurons, or ``--method prune``)."""
-    return cfg.shared_by == "obs" and (cfg.method == "prune" or cfg.n_shared > 0)
+def needs_order(cfg: ConvertConfig, method: str | None = None) -> bool:
+    """Whether a layer's split by ``method`` (default ``cfg.method``) needs :func:`neuron_order`:
+    ``--shared-by obs`` with shared neurons, or with ``prune``."""
+    return cfg.shared_by == "obs" and ((method or cfg.method) == "prune" or cfg.n_shared > 0)
 
 
 def make_layer(mlp: nn.Module, adapter: Adapter, config: Any, split: Split, cfg: ConvertConfig) -> DotMoeLayer:
@@ -459,16 +460,17 @@ def _best_initial_split(
     return min(scores, key=scores.__getitem__), scores, fitted
 
 
+def _hidden(mlp: nn.Module, adapter: Adapter, ffn: Any, x: torch.Tensor) -> torch.Tensor:
+    """The dense FFN's neuron activations ``act(x W_gate) * (x W_up)`` on the tokens ``x`` (fp32)."""
+    act = getattr(mlp, adapter.act_attr)
+    return act(nn.functional.linear(x, _f32(ffn.gate), _f32(ffn.gate_bias))) * nn.functional.linear(x, _f32(ffn.up), _f32(ffn.up_bias))
+
+
 @torch.no_grad()
 def hidden_sample(mlp: nn.Module, adapter: Adapter, x: torch.Tensor, seed: int) -> torch.Tensor:
-    """The dense FFN's neuron activations ``act(x W_gate) * (x W_up)`` on a sample of the tokens
-    ``x`` (fp32): what the initial splits and the importance scores are computed from."""
-    ffn = adapter.ffn_weights(mlp)
-    return activation_sample(
-        getattr(mlp, adapter.act_attr)(nn.functional.linear(x, _f32(ffn.gate), _f32(ffn.gate_bias)))
-        * nn.functional.linear(x, _f32(ffn.up), _f32(ffn.up_bias)),
-        seed=seed,
-    )
+    """The dense FFN's neuron activations on a sample of the tokens ``x`` (fp32): what the
+    initial splits and the importance scores are computed from."""
+    return activation_sample(_hidden(mlp, adapter, adapter.ffn_weights(mlp), x), seed=seed)
 
 
 @torch.no_grad()
@@ -477,12 +479,10 @@ def neuron_order(mlp: nn.Module, adapter: Adapter, x: torch.Tensor, y: torch.Ten
     (:func:`moefy.splits.obs_order`) for the target ``y`` on the inputs ``x`` (``--shared-by obs``).
     The Gram matrices are summed in fp32 over chunks of ``chunk`` tokens."""
     ffn = adapter.ffn_weights(mlp)
-    act = getattr(mlp, adapter.act_attr)
     bias = ffn.down_bias.float() if ffn.down_bias is not None else None
     gram = cross = None
     for s in range(0, x.shape[0], chunk):
-        xs = x[s : s + chunk]
-        h = act(nn.functional.linear(xs, _f32(ffn.gate), _f32(ffn.gate_bias))) * nn.functional.linear(xs, _f32(ffn.up), _f32(ffn.up_bias))
+        h = _hidden(mlp, adapter, ffn, x[s : s + chunk])
         ys = y[s : s + chunk].float()
         if bias is not None:
             ys = ys - bias
