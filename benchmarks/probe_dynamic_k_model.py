@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_fine_routers import calibrate, ridge, threshold_mask  # noqa: E402
+
 from moefy.calibration import from_files
 from moefy.evaluate import _moe_mlps, load_eval_ids, perplexity
 from moefy.models import load
@@ -47,24 +50,16 @@ def main() -> None:
             W = m.down_proj.weight
             tgt = torch.log(torch.stack([(h[:, m.offsets[e]:m.offsets[e + 1]] @ W[:, m.offsets[e]:m.offsets[e + 1]].T).norm(dim=-1)
                                          for e in range(m.n_experts)], 1) + 1e-6)
-            X = torch.cat([x, torch.ones(len(x), 1)], 1).double()
-            G = X.T @ X
-            sol = torch.linalg.solve(G + 1e-2 * G.diagonal().mean() * torch.eye(G.shape[0], dtype=G.dtype), X.T @ tgt.double()).float()
+            sol = ridge(x, tgt, True)
             wr, br = sol[:-1].T.contiguous(), sol[-1].contiguous()
-            lg = x @ wr.T + br
             k = int(m.top_k)
             cap = int(min(m.n_experts, round(cap_mult * k)))
-            kth = lg.topk(cap, 1).values[:, -1:]
-            lo, hi = float(lg.min()), float(lg.max())
-            for _ in range(60):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if ((lg > mid) & (lg >= kth)).sum(1).float().mean() > k else (lo, mid)
+            thr = calibrate(x @ wr.T + br, k, cap)
 
-        def fwd(hs: torch.Tensor, m=m, wr=wr, br=br, thr=hi, cap=cap) -> torch.Tensor:
+        def fwd(hs: torch.Tensor, m=m, wr=wr, br=br, thr=thr, cap=cap) -> torch.Tensor:
             shp = hs.shape
             x = hs.reshape(-1, shp[-1])
-            lg = x @ wr.T + br
-            keep = (lg > thr) & (lg >= lg.topk(cap, 1).values[:, -1:])
+            keep = threshold_mask(x @ wr.T + br, thr, cap).bool()
             if m.count_active:
                 m.active_pairs += int(keep.sum())
                 m.tokens_seen += x.shape[0]

@@ -31,12 +31,8 @@ from investigate_routers import evaluate, expert_contribs, greedy_oracle_mask, t
 
 from moefy.config import ConvertConfig  # noqa: E402
 from moefy.convert import _split_train_val, initial_split, make_layer, neuron_order  # noqa: E402
-from moefy.layerwise import fit_layer  # noqa: E402
+from moefy.layerwise import fit_layer, relative_error  # noqa: E402
 from moefy.splits import activation_sample  # noqa: E402
-
-
-def err(yh: torch.Tensor, y: torch.Tensor) -> float:
-    return float((yh - y).pow(2).sum() / y.pow(2).sum())
 
 
 def ridge(x: torch.Tensor, t: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -115,7 +111,7 @@ def main() -> None:
             lv = torch.cat([xv, torch.ones(len(xv), 1)], 1) @ W
 
             def out(m: torch.Tensor) -> float:
-                return err(bv + (cv * m[..., None]).sum(1), yv)
+                return relative_error(bv + (cv * m[..., None]).sum(1), yv)
 
             topk = torch.zeros_like(lv).scatter_(1, lv.topk(K, 1).indices, 1.0)
             add("un-centred LS, top-k", {"routed": out(topk)})
