@@ -142,21 +142,23 @@ def test_shipped_allocated_recipe_keeps_the_25_percent_layout_on_average():
     assert cfg.allocate == "kl" and len(cfg.shared_per_layer) == 30 and sum(cfg.shared_per_layer) == 30 * cfg.n_shared
 
 
-def test_shipped_50_percent_allocated_recipe_runs_half_the_ffn_on_average():
-    """recipes/convert-smollm2-50-allocated.yaml (docs/BENCHMARKS.md 6.13): 16 of 80 experts, the
-    shared neurons by OBS, per-layer counts that keep the model at 50% active on average."""
+@pytest.mark.parametrize("recipe", ["convert-smollm2-50-allocated.yaml", "convert-smollm2-50-fine.yaml"])
+def test_shipped_50_percent_allocated_recipes_run_half_the_ffn_on_average(recipe):
+    """recipes/convert-smollm2-50-allocated.yaml and -fine.yaml (docs/BENCHMARKS.md 6.13): 16 of 80
+    (64 of 320) experts, the shared neurons by OBS, per-layer counts that keep the model at 50%
+    active on average, and every layer able to hold its experts."""
     from conftest import ROOT
     from moefy.config import load_convert_recipe
     from moefy.convert import active_fraction
 
-    rec = load_convert_recipe(ROOT / "recipes" / "convert-smollm2-50-allocated.yaml")
+    rec = load_convert_recipe(ROOT / "recipes" / recipe)
     cfg = ConvertConfig(**rec.config)
     cfg.validate(1536)
     assert rec.model == "smollm2-135m" and cfg.shared_by == "obs" and cfg.allocate == "kl"
     assert len(cfg.shared_per_layer) == 30 and sum(cfg.shared_per_layer) == 30 * cfg.n_shared
     fractions = [active_fraction(cfg.for_layer(i), 1536) for i in range(30)]
     assert abs(sum(fractions) / 30 - 0.5) < 1e-9
-    assert all(cfg.n_experts <= 1536 - s for s in cfg.shared_per_layer)  # every layer can hold 80 experts
+    assert all(cfg.n_experts <= 1536 - s for s in cfg.shared_per_layer)  # every layer can hold its experts
 
 
 def test_shared_by_obs_orders_every_layer_for_the_measurement_and_the_conversion(tiny_dir, tmp_path, monkeypatch):  # noqa: F811
