@@ -13,6 +13,16 @@ from tiny_moefy import calib_ids, tiny_moefy
 GATINGS = ("mask", "softmax", "softmax-renorm")
 
 
+@pytest.fixture(autouse=True, params=["grouped", "masked"])
+def prefill_path(request, monkeypatch):
+    """Every test here runs with each multi-token path (small experts, as these are, pick
+    "masked" by themselves; the threshold is moved so that each path is the automatic choice)."""
+    import moefy.hf.modeling_moefy as modeling
+
+    monkeypatch.setattr(modeling, "MASKED_PREFILL_MAX_EXPERT_SIZE", 0 if request.param == "grouped" else 10**9)
+    return request.param
+
+
 def make_mlp(
     sizes=(6, 9, 4, 7, 8), n_shared=5, top_k=2, bias=False, gating="mask", router="topk", hidden=16, seed=0,
     dtype=torch.float32,
@@ -238,3 +248,42 @@ def test_generate_batched_with_cache():
         batched = model.generate(ids, **kw)
         single = torch.cat([model.generate(ids[i : i + 1], **kw) for i in range(3)])
     assert torch.equal(batched, single)
+
+
+def test_masked_path_is_chosen_for_small_experts_only(prefill_path, monkeypatch):
+    """The automatic choice follows the mean routed-expert size; ``prefill_path`` forces either
+    path and both give the reference output; anything else is refused."""
+    import moefy.hf.modeling_moefy as modeling
+
+    monkeypatch.setattr(modeling, "MASKED_PREFILL_MAX_EXPERT_SIZE", 16)
+    small, large = make_mlp(sizes=(8,) * 6, n_shared=4), make_mlp(sizes=(40,) * 3, n_shared=4)
+    assert small._use_masked(10) and not large._use_masked(10)
+    x = torch.randn(11, 16)
+    for mlp in (small, large):
+        with torch.no_grad():
+            ref = mlp.forward_reference(x)
+            for path in ("grouped", "masked"):
+                mlp.prefill_path = path
+                assert mlp._use_masked(11) == (path == "masked")
+                assert_close(mlp(x), ref)
+        mlp.prefill_path = "fast"
+        with pytest.raises(ValueError, match="prefill_path"):
+            mlp(x)
+
+
+def test_masked_path_counts_active_pairs_as_grouped(monkeypatch):
+    """``count_active`` (moefy eval's measured experts per token) reads the same on both paths,
+    across the masked path's token chunks."""
+    import moefy.hf.modeling_moefy as modeling
+
+    monkeypatch.setattr(modeling, "MASKED_PREFILL_CHUNK", 7)
+    x = torch.randn(30, 16)
+    counts = {}
+    for path in ("grouped", "masked"):
+        mlp = make_mlp(top_k=2.0, gating="lapsum", router="lapsum")
+        mlp.prefill_path, mlp.count_active = path, True
+        with torch.no_grad():
+            out = mlp(x)
+            assert_close(out, mlp.forward_reference(x))
+        counts[path] = (mlp.active_pairs, mlp.tokens_seen)
+    assert counts["grouped"] == counts["masked"] and counts["masked"][1] == 30

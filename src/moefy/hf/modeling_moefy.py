@@ -330,6 +330,15 @@ def lapsum_route(
 # Half-precision prefill on CPU: experts with at least this many tokens compute in fp32, since
 # PyTorch's CPU bf16/fp16 GEMM without native half instructions is several times slower.
 HALF_UPCAST_MIN_TOKENS = 16
+# Several tokens with small experts: below this mean routed-expert size (neurons), compute every
+# routed neuron for every token in two large GEMMs and zero the unused ones (MoefyMLP._masked)
+# instead of one small GEMM per expert (MoefyMLP._grouped).  Measured on SmolLM2's 576 x 1536 at
+# 50% active, 2 CPU threads, fp32 (benchmarks/bench_prefill_paths.py, docs/BENCHMARKS.md 6.13): at
+# 512 tokens grouped is faster with experts of 48 neurons, level with 24, and level or slower with
+# 12; masked is 2-3x faster with 6 and 3.  (At 8-64 tokens masked was faster at every size.)
+MASKED_PREFILL_MAX_EXPERT_SIZE = 16
+# rows per chunk of the masked path (bounds its [tokens, intermediate] activations)
+MASKED_PREFILL_CHUNK = 1024
 
 try:
     from moefy import kernels as _kernels
@@ -349,7 +358,11 @@ class MoefyMLP(nn.Module):
     adjacent ones merged) and computes them in one call of moefy's compiled CPU kernel
     (:mod:`moefy.kernels`; ``use_kernel = False`` turns it off), else with PyTorch GEMV calls.
     Several tokens are sorted by expert and each used expert runs one matmul over its tokens;
-    on CPU in bf16/fp16, an expert with many tokens computes in fp32 (upcast slices).
+    on CPU in bf16/fp16, an expert with many tokens computes in fp32 (upcast slices).  With small
+    experts (mean routed size below :data:`MASKED_PREFILL_MAX_EXPERT_SIZE`) several tokens instead
+    compute every neuron in two large GEMMs and zero the unused experts' neurons, the reference
+    computation done in chunks; ``prefill_path`` (``None``: that choice, ``"grouped"``,
+    ``"masked"``) forces one.
 
     ``transpose_down`` picks the memory layout of ``down_proj.weight`` for inference (its shape,
     values and state-dict key never change): ``True`` stores it as the transpose of a
@@ -399,6 +412,7 @@ class MoefyMLP(nn.Module):
             offsets.append(offsets[-1] + s)
         self.offsets = offsets
         self.transpose_down: bool | None = None
+        self.prefill_path: str | None = None
         self._down_layout_key: tuple[Any, ...] | None = None
         # measured routing: set ``count_active = True`` to count (token, expert) pairs run
         self.count_active = False
@@ -600,6 +614,27 @@ class MoefyMLP(nn.Module):
             out.index_add_(0, t, y)
         return out.to(x.dtype)
 
+    def _masked(self, x: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
+        """Many tokens, small experts: every neuron of every token in two large GEMMs per chunk of
+        tokens, each routed neuron scaled by its expert's weight (0 where unused); the
+        computation :meth:`forward_reference` defines, with :meth:`_rows`' half-precision care."""
+        outs = []
+        for xc in x.split(MASKED_PREFILL_CHUNK):
+            w = self.routing_weights(xc)
+            if self.count_active:
+                self.active_pairs += int(torch.count_nonzero(w))
+                self.tokens_seen += int(xc.shape[0])
+            outs.append(self._rows(xc, 0, self.intermediate_size, down_t, self.neuron_mask(w)))
+        return torch.cat(outs).to(x.dtype)
+
+    def _use_masked(self, tokens: int) -> bool:
+        if self.prefill_path is not None:
+            if self.prefill_path not in ("grouped", "masked"):
+                raise ValueError(f"prefill_path must be None, 'grouped' or 'masked', got {self.prefill_path!r}")
+            return self.prefill_path == "masked"
+        routed = self.intermediate_size - self.n_shared
+        return routed < MASKED_PREFILL_MAX_EXPERT_SIZE * self.n_experts
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
@@ -608,6 +643,8 @@ class MoefyMLP(nn.Module):
             out = self._shared_out(x, down_t).to(x.dtype)
         elif x.shape[0] == 1:
             out = self._decode(x, down_t)
+        elif self._use_masked(x.shape[0]):
+            out = self._masked(x, down_t)
         else:
             out = self._grouped(x, down_t)
         if self.down_proj.bias is not None:
