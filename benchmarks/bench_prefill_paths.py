@@ -16,27 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench_lapsum import _median_ms as median_ms  # the benchmarks' median-of-repeats timer
 from moefy.hf.modeling_moefy import MASKED_PREFILL_MAX_EXPERT_SIZE, MoefyMLP
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def median_ms(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
 
 
 def main() -> None:
@@ -62,7 +51,7 @@ def main() -> None:
         k = max(1, e // 5)
         sizes = [(d - s) // e + (1 if i < (d - s) % e else 0) for i in range(e)]
         mlp = MoefyMLP(h, sizes, n_shared=s, top_k=k).eval()
-        auto = "masked" if mlp._use_masked(2) else "grouped"
+        auto = "masked" if mlp._use_masked() else "grouped"
         for t in args.tokens:
             x = torch.randn(t, h)
             row = {"experts": e, "top_k": k, "expert_neurons": (d - s) / e, "tokens": t, "auto": auto}
@@ -85,7 +74,7 @@ def main() -> None:
               f"{r['masked_ms']:.2f} | {r['dense_ms']:.2f} | {r['auto']} | {r['dense_ms'] / a:.2f} |")
     out = {"hidden": h, "d_ffn": d, "shared": s, "threads": torch.get_num_threads(), "machine": platform.machine(),
            "masked_prefill_max_expert_size": MASKED_PREFILL_MAX_EXPERT_SIZE, "rows": rows,
-           "command": "python benchmarks/bench_prefill_paths.py " + " ".join(f"--threads {args.threads}".split() if args.threads else [])}
+           "command": " ".join(["python", "benchmarks/bench_prefill_paths.py", *sys.argv[1:]])}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1))

@@ -257,14 +257,14 @@ def test_masked_path_is_chosen_for_small_experts_only(prefill_path, monkeypatch)
 
     monkeypatch.setattr(modeling, "MASKED_PREFILL_MAX_EXPERT_SIZE", 16)
     small, large = make_mlp(sizes=(8,) * 6, n_shared=4), make_mlp(sizes=(40,) * 3, n_shared=4)
-    assert small._use_masked(10) and not large._use_masked(10)
+    assert small._use_masked() and not large._use_masked()
     x = torch.randn(11, 16)
     for mlp in (small, large):
         with torch.no_grad():
             ref = mlp.forward_reference(x)
             for path in ("grouped", "masked"):
                 mlp.prefill_path = path
-                assert mlp._use_masked(11) == (path == "masked")
+                assert mlp._use_masked() == (path == "masked")
                 assert_close(mlp(x), ref)
         mlp.prefill_path = "fast"
         with pytest.raises(ValueError, match="prefill_path"):

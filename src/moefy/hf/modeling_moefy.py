@@ -627,7 +627,8 @@ class MoefyMLP(nn.Module):
             outs.append(self._rows(xc, 0, self.intermediate_size, down_t, self.neuron_mask(w)))
         return torch.cat(outs).to(x.dtype)
 
-    def _use_masked(self, tokens: int) -> bool:
+    def _use_masked(self) -> bool:
+        """Whether several tokens take :meth:`_masked` (else :meth:`_grouped`)."""
         if self.prefill_path is not None:
             if self.prefill_path not in ("grouped", "masked"):
                 raise ValueError(f"prefill_path must be None, 'grouped' or 'masked', got {self.prefill_path!r}")
@@ -643,7 +644,7 @@ class MoefyMLP(nn.Module):
             out = self._shared_out(x, down_t).to(x.dtype)
         elif x.shape[0] == 1:
             out = self._decode(x, down_t)
-        elif self._use_masked(x.shape[0]):
+        elif self._use_masked():
             out = self._masked(x, down_t)
         else:
             out = self._grouped(x, down_t)
