@@ -112,6 +112,8 @@ def test_weight_adaptation_never_worsens_held_out_error(weights):
     rep = _fit_easy_layer(ConvertConfig(**{**base.to_dict(), "weights": weights}))
     assert rep.error_final <= ref.error_final + 1e-6
     assert rep.error_final < rep.error_routed  # the adaptation found something on this easy case
+    # the report says how many gradient steps ran (the cap, or fewer when early stopping ended them)
+    assert (0 < rep.weight_steps <= 20) if "grad" in weights else rep.weight_steps == 0
 
 
 def test_ridge_then_grad_starts_from_the_ridge_fit_and_never_ends_worse():

@@ -88,6 +88,8 @@ class ConvertConfig:
     # None: DEFAULT_DRIFT_CORRECTION for layouts with shared neurons where the FFN's output is
     # added to the residual stream as it is, else 0 (moefy.convert.drift_correction_for)
     drift_correction: float | None = None
+    # --weights grad's Adam step size; recipes/convert-smollm2-50-fine.yaml sets 2e-4, where 22 of 30
+    # layers still ran the full weight_steps (docs/BENCHMARKS.md 6.13)
     lr_weights: float = 1e-4
     # end-to-end stage: recovery training (moefy.training) of the whole network against the
     # dense model, on the calibration files past the calibration tokens (or --train-data)

@@ -62,6 +62,7 @@ class LayerReport:
     neurons_moved: int = 0
     expert_load: list[float] = field(default_factory=list)
     steps: int = 0
+    weight_steps: int = 0  # gradient steps of --weights grad run (== cfg.weight_steps: stopped by the cap, not early)
     seconds: float = 0.0
     weight_mode: str = "none"
     ridge_gamma: float | None = None
@@ -358,9 +359,9 @@ def ridge_refit_down(
 
 def train_weights(
     layer: DotMoeLayer, data: _Data, cfg: ConvertConfig, layer_idx: int, gen: torch.Generator, patience: int = 3
-) -> float:
+) -> tuple[float, int]:
     """Gradient training of gate/up/down and router with the split frozen; early stopping
-    on held-out error (the best state is kept)."""
+    on held-out error (the best state is kept).  Returns (best held-out error, steps run)."""
     weights = [layer.gate, layer.up, layer.down]
     for w in weights:
         w.requires_grad_(True)
@@ -370,12 +371,12 @@ def train_weights(
     saved = data.h_val
     data.h_val = None  # the weights change, so h must be recomputed
     try:
-        best, _ = _keep_best(layer, opt, data, cfg, layer_idx, gen, cfg.weight_steps, with_h=False, patience=patience)
+        best, steps = _keep_best(layer, opt, data, cfg, layer_idx, gen, cfg.weight_steps, with_h=False, patience=patience)
     finally:
         data.h_val = saved
         for w in weights:
             w.requires_grad_(False)
-    return best
+    return best, steps
 
 
 def fit_layer(
@@ -437,7 +438,7 @@ def fit_layer(
         # the best held-out state, can only improve on it); then W_down again for the new gate/up
         err, report.ridge_gamma = ridge_refit_down(layer, data, gammas)
     if cfg.weights in ("grad", "grad+ridge", "ridge+grad"):
-        err = train_weights(layer, data, cfg, layer_idx, gen)
+        err, report.weight_steps = train_weights(layer, data, cfg, layer_idx, gen)
     if cfg.weights in ("ridge", "grad+ridge", "ridge+grad"):
         err, report.ridge_gamma = ridge_refit_down(layer, data, gammas)
     report.error_final = err
