@@ -113,7 +113,7 @@ def test_eval_writes_ppl_json(converted, tmp_path, capsys):
     out = tmp_path / "eval.json"
     code, _ = run_cli(["eval", str(converted), "--ppl", str(SAMPLE5), "--seq-len", "128", "--json", str(out)], capsys)
     assert code == 0
-    res = json.loads(out.read_text())
+    res = json.loads(out.read_text())["models"][0]
     assert res["ppl"] > 1 and res["tokens"] > 0
     rec = json.loads((converted / "moefy.json").read_text())
     # top-k routing runs exactly k experts per token in every converted layer

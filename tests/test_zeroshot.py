@@ -253,7 +253,7 @@ def test_moefy_eval_json(tmp_path):
         [sys.executable, "-m", "moefy.cli", "eval", str(STORIES), "--tasks", "arc_easy,winogrande", "--limit", "5",
          "--data-root", str(DATA), "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(out.read_text())
+    res = json.loads(out.read_text())["models"][0]
     assert res["tasks_scored_by"].startswith("lm-eval 0.4")
     for name in ("arc_easy", "winogrande"):
         assert list(res["tasks"][name]) == ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"]
@@ -268,3 +268,90 @@ def test_compare_report_cells():
     md = markdown_report({"model": "m", "calibration": [], "calib_tokens": 0, "ppl_file": None, "tasks": ["arc_easy", "lambada_openai"],
                           "dense": ev, "cells": {}})
     assert "| 0.250 / 0.500 (n=4) | 0.125 / - (n=8) |" in md
+
+
+# ------------------------------------------------------------------------------------------
+# retention: the share of the reference's above-chance accuracy a model keeps
+# ------------------------------------------------------------------------------------------
+
+
+def _r(acc: float, se: float = 0.01, n: int = 1000) -> dict:
+    return {"acc": acc, "acc_stderr": se, "acc_norm": acc, "acc_norm_stderr": se, "n": n}
+
+
+def test_retention_is_the_ratio_of_above_chance_sums():
+    from moefy.zeroshot import CHANCE, retention
+
+    ref = {"sciq": _r(0.50), "piqa": _r(0.66), "arc_easy": _r(0.45)}
+    model = {"sciq": _r(0.30), "piqa": _r(0.55), "arc_easy": _r(0.35)}
+    got = retention(ref, model)
+    num = sum(model[t]["acc_norm"] - CHANCE[t] for t in ref)
+    den = sum(ref[t]["acc_norm"] - CHANCE[t] for t in ref)
+    assert got["retention"] == pytest.approx(num / den)
+    assert got["tasks"] == list(ref) and got["excluded"] == {} and got["stderr"] > 0
+    assert retention(ref, ref)["retention"] == pytest.approx(1.0)
+
+
+def test_retention_counts_only_tasks_the_reference_can_do():
+    from moefy.zeroshot import retention
+
+    ref = {"sciq": _r(0.50), "winogrande": _r(0.505, 0.014), "boolq": _r(0.43), "lambada_openai": _r(0.3), "piqa": _r(0.6)}
+    model = {"sciq": _r(0.40), "winogrande": _r(0.49), "boolq": _r(0.6), "lambada_openai": _r(0.2)}
+    got = retention(ref, model)
+    # piqa was not scored for the model; winogrande is within 2 stderr of chance; boolq below
+    # chance; lambada has no chance level: only sciq counts, and every other scored task says why
+    assert got["tasks"] == ["sciq"]
+    assert set(got["excluded"]) == {"winogrande", "boolq", "lambada_openai"}
+    assert got["retention"] == pytest.approx((0.40 - 0.25) / (0.50 - 0.25))
+    assert retention({"boolq": _r(0.43)}, {"boolq": _r(0.6)})["retention"] is None
+    assert retention(ref, model, metric="acc")["metric"] == "acc"
+
+
+def test_model_labels_are_short_and_distinct():
+    from moefy.cli import model_labels
+
+    assert model_labels(["smollm2-135m", "out/a/layerwise", "out/a/recovered"]) == ["smollm2-135m", "layerwise", "recovered"]
+    assert model_labels(["x/one/moe", "y/two/moe"]) == ["one/moe", "two/moe"]
+
+
+@needs_lm_eval
+@needs_data
+@needs_model
+def test_moefy_eval_checks_every_model_before_work(tmp_path):
+    out = tmp_path / "eval.json"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moefy.cli", "eval", str(STORIES), str(tmp_path / "no-such-model"), "--tasks", "arc_easy",
+         "--limit", "2", "--data-root", str(DATA), "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 3 and "model not found" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Running loglikelihood" not in proc.stderr and not out.exists()  # nothing ran
+    proc = subprocess.run(
+        [sys.executable, "-m", "moefy.cli", "eval", str(STORIES), "--tasks", "arc_easy,no_such_task_here",
+         "--limit", "2", "--data-root", str(DATA)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and "no_such_task_here" in proc.stderr
+
+
+@needs_lm_eval
+@needs_data
+@needs_model
+def test_moefy_eval_several_models_one_schema_with_retention(tmp_path):
+    out = tmp_path / "eval.json"
+    text = tmp_path / "t.txt"
+    text.write_text((DATA / "tinystories" / "sample_5_stories.txt").read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "moefy.cli", "eval", str(STORIES), str(STORIES), "--tasks", "arc_easy,piqa", "--limit", "20",
+         "--ppl", str(text), "--ppl", str(DATA / "tinystories" / "sample_5_stories.txt"), "--seq-len", "128",
+         "--data-root", str(DATA), "--json", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["complete"] and res["reference"] == str(STORIES) and len(res["models"]) == 2
+    for m in res["models"]:
+        assert len(m["perplexity"]) == 2 and m["ppl"] == m["perplexity"][str(text)]["ppl"]
+        assert all(p["x_ref"] == pytest.approx(1.0) for p in m["perplexity"].values())
+        ret = m["retention"]
+        # every task given is either counted or said why not
+        assert sorted(ret["tasks"] + list(ret["excluded"])) == ["arc_easy", "piqa"]
+        if ret["tasks"]:
+            assert ret["retention"] == pytest.approx(1.0)
+    assert "above-chance acc_norm kept" in proc.stdout + proc.stderr and "not counted:" in proc.stderr

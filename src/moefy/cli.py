@@ -184,53 +184,122 @@ def _shared_cell(rec: dict[str, Any]) -> str:
 
 @app.command("eval")
 def eval_cmd(
-    models: Annotated[list[str], typer.Argument(help="Dense model(s) (as for convert) and/or converted directories.")],
-    ppl: Annotated[Optional[Path], typer.Option("--ppl", help="Text file for perplexity (e.g. wiki.test.raw).")] = None,
+    models: Annotated[list[str], typer.Argument(help="Dense model(s) (as for convert) and/or converted directories; the first is the reference of the 'x ref' and retention rows.")],
+    ppl: Annotated[Optional[list[Path]], typer.Option("--ppl", help="Text file for perplexity (e.g. wiki.test.raw); repeatable, one row per file.")] = None,
     seq_len: Annotated[int, typer.Option(help="Perplexity window length.")] = 1024,
-    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows.")] = None,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate only the first N windows of each --ppl file.")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="Comma-separated zero-shot tasks, scored by lm-eval: moefy's offline copies (arc_easy, arc_challenge, piqa, hellaswag, winogrande, openbookqa, boolq, sciq, social_iqa), tasks in --task-dir, or any lm-eval task whose data are reachable.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="First N items of each task.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Folder with commonsense/ and hellaswag/ data.")] = None,
     task_dir: Annotated[Optional[list[Path]], typer.Option("--task-dir", help="Folder of extra lm-eval task YAMLs (e.g. over local parquet files); repeatable.")] = None,
     batch_size: Annotated[int, typer.Option(help="Zero-shot batch size.")] = 16,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here.")] = None,
+    metric: Annotated[str, typer.Option(help="Zero-shot metric of the retention row: acc_norm | acc.")] = "acc_norm",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results as JSON here (rewritten after each model).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Weights while evaluating: fp32 | bf16 | fp16 | auto (the checkpoint's own).")] = "fp32",
 ) -> None:
-    """Perplexity and/or zero-shot accuracy of each MODEL (one table; JSON per model).
+    """Perplexity and/or zero-shot accuracy of each MODEL, side by side, with each model's
+    perplexity as a multiple of the first model's and the share of the first model's
+    above-chance zero-shot accuracy it keeps.
 
-    Each model is loaded whole (in --dtype); one that cannot fit in this machine's memory is refused in one line."""
-    if ppl is None and not tasks:
+    Every model, file and task is checked before the first model runs; each model is loaded whole
+    (in --dtype), one that cannot fit in this machine's memory is refused in one line; the JSON
+    is rewritten after each model, so a later failure keeps what was computed."""
+    from .evaluate import check_eval_text
+    from .memory import DTYPES
+    from .models import locate
+
+    ppl = list(ppl or [])
+    if not ppl and not tasks:
         raise ConfigError("nothing to evaluate: give --ppl FILE and/or --tasks")
-    if ppl is not None and not ppl.is_file():
-        raise CalibrationDataError(f"evaluation text not found: {ppl}")
-    results = [
-        _eval_one(m, ppl, seq_len, max_windows, tasks, limit, data_root, batch_size, dtype, task_dir or []) for m in models
-    ]
-    table = Table(title="moefy eval")
-    table.add_column("metric")
-    for m in models:
-        table.add_column(m, justify="right")
-    if ppl is not None:
-        table.add_row(f"perplexity ({results[0]['tokens']} tokens)", *[f"{r['ppl']:.3f}" for r in results])
-        if any("mean_active_experts" in r for r in results):
-            table.add_row(
-                "active experts / token / layer (measured)",
-                *[f"{r['mean_active_experts']:.3f}" if "mean_active_experts" in r else "-" for r in results],
-            )
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)} or auto")
+    if metric not in ("acc", "acc_norm"):
+        raise ConfigError(f"unknown --metric {metric!r}; choose acc_norm or acc")
+    for f in ppl:
+        check_eval_text(f)
+    sources = [locate(m) for m in models]  # every model before any work
+    names: list[str] = []
+    if tasks:
+        from .zeroshot import check_tasks
+
+        try:
+            names = check_tasks(tasks, data_root, limit, task_dir or [])
+        except ValueError as exc:
+            raise ConfigError(str(exc).splitlines()[0]) from None
+    labels = model_labels(models)
+    results: list[dict[str, Any]] = []
+    for m, src, label in zip(models, sources, labels):
+        r = _eval_one(m, src, ppl, seq_len, max_windows, names, limit, data_root, batch_size, dtype, task_dir or [])
+        r["label"] = label
+        results.append(r)
+        _add_relative(results, metric)
+        if json_out is not None:
+            _write_json(json_out, {"reference": models[0], "metric": metric, "complete": len(results) == len(models),
+                                   "models": results})
+    console.print(eval_table(results, metric))
+    for line in retention_notes(results):
+        _log(line)
+
+
+def model_labels(models: list[str]) -> list[str]:
+    """Short, distinct column names: a directory's last component (more of its path where two
+    share it), an alias or file name as given."""
+    parts = [Path(m).parts or (m,) for m in models]
+    depth = [1] * len(models)
+    for _ in range(8):
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        dup = {lab for lab in labels if labels.count(lab) > 1}
+        if not dup:
+            return labels
+        depth = [d + 1 if lab in dup and d < len(p) else d for lab, p, d in zip(labels, parts, depth)]
+    return list(models)
+
+
+def _add_relative(results: list[dict[str, Any]], metric: str) -> None:
+    """Each result's perplexities as multiples of the first model's, and its zero-shot retention."""
+    from .zeroshot import retention
+
+    ref = results[0]
+    for r in results:
+        for name, p in r.get("perplexity", {}).items():
+            base = ref.get("perplexity", {}).get(name)
+            if base:
+                p["x_ref"] = p["ppl"] / base["ppl"]
+        if ref.get("tasks") and r.get("tasks"):
+            r["retention"] = retention(ref["tasks"], r["tasks"], metric)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def eval_table(results: list[dict[str, Any]], metric: str = "acc_norm") -> Table:
+    """``moefy eval``'s table: a column per model (named by its label), a row per measure."""
     from .compare import acc_cell
 
-    for name in results[0].get("tasks", {}):
-        table.add_row(
-            f"{name} acc / acc_norm (n={results[0]['tasks'][name]['n']})",
-            *[acc_cell(r["tasks"][name], 4) for r in results],
-        )
-    console.print(table)
-    payload: Any = results[0] if len(results) == 1 else {"models": results}
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_suffix(json_out.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, json_out)
+    table = Table(title="moefy eval")
+    table.add_column("metric")
+    for r in results:
+        table.add_column(r.get("label", r["model"]), justify="right", overflow="fold")
+    ref = results[0]
+    for name, p0 in ref.get("perplexity", {}).items():
+        cells = [r.get("perplexity", {}).get(name) for r in results]
+        table.add_row(f"perplexity, {Path(name).name} ({p0['tokens']} tokens)", *[f"{c['ppl']:.3f}" if c else "-" for c in cells])
+        if len(results) > 1:
+            table.add_row("  x ref (first column)", *[f"{c['x_ref']:.2f}x" if c and "x_ref" in c else "-" for c in cells])
+    if any("mean_active_experts" in r for r in results):
+        table.add_row("active experts / token / layer (measured)",
+                      *[f"{r['mean_active_experts']:.3f}" if "mean_active_experts" in r else "-" for r in results])
+    for name in ref.get("tasks", {}):
+        table.add_row(f"{name} acc / acc_norm (n={ref['tasks'][name]['n']})", *[acc_cell(r["tasks"][name], 4) for r in results])
+    if len(results) > 1 and ref.get("tasks"):
+        ret = [r.get("retention") or {} for r in results]
+        table.add_row(f"above-chance {metric} kept", *[f"{x['retention']:.0%} ± {x['stderr']:.0%}" if x.get("retention") is not None
+                                                      else "-" for x in ret])
+    return table
 
 
 @app.command("export")
@@ -427,25 +496,36 @@ def tokenize(
     console.print(f"{index['tokens']} tokens in {len(index['shards'])} shard(s) -> {out}")
 
 
+def retention_notes(results: list[dict[str, Any]]) -> list[str]:
+    """Which tasks the retention row counts, and why the others are not counted."""
+    ret = results[-1].get("retention") if len(results) > 1 else None
+    if not ret:
+        return []
+    lines = [f"retention against {results[0].get('label', results[0]['model'])} counts "
+             f"{', '.join(ret['tasks']) or 'no task'}"]
+    lines += [f"not counted: {task}: {why}" for task, why in ret["excluded"].items()]
+    return lines
+
+
 def _eval_one(
     model: str,
-    ppl: Path | None,
+    src: Any,
+    ppl: list[Path],
     seq_len: int,
     max_windows: int | None,
-    tasks: str | None,
+    tasks: list[str],
     limit: int | None,
     data_root: Path | None,
     batch_size: int,
     dtype: str = "fp32",
     task_dirs: list[Path] | None = None,
 ) -> dict[str, Any]:
+    """One model's perplexities (``"perplexity": {file: {...}}``; the first file's figures also at
+    the top level, as before several files) and zero-shot scores."""
     from .evaluate import load_eval_ids, perplexity
     from .memory import DTYPES, check_whole_model
-    from .models import checkpoint_dtype, load, locate, parameter_count
+    from .models import checkpoint_dtype, load, parameter_count
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ConfigError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)} or auto")
-    src = locate(model)
     torch_dtype = checkpoint_dtype(src) if dtype == "auto" else DTYPES[dtype]
     n_params = parameter_count(src)
     if n_params:
@@ -454,20 +534,21 @@ def _eval_one(
     loaded = load(src, torch_dtype)
     result: dict[str, Any] = {"model": model, "loaded_from": loaded.source}
     with _Bars() as bars:
-        if ppl is not None:
-            ids = load_eval_ids(loaded.tokenizer, ppl)
+        for f in ppl:
+            ids = load_eval_ids(loaded.tokenizer, f)
             r = perplexity(
                 loaded.model, ids, seq_len=seq_len, max_windows=max_windows,
-                progress=lambda d, t: bars(f"perplexity {model}", d, t),
+                progress=lambda d, t, f=f: bars(f"perplexity {model} {f.name}", d, t),
             )
-            result.update(r)
-            result["ppl_file"] = str(ppl)
+            r["ppl_file"] = str(f)
+            result.setdefault("perplexity", {})[str(f)] = r
+            if len(result["perplexity"]) == 1:
+                result.update(r)
     if tasks:
         from .zeroshot import evaluate_tasks, lm_eval_version
 
-        names = [t.strip() for t in tasks.split(",") if t.strip()]
         try:
-            result["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, names, data_root=data_root, limit=limit,
+            result["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, data_root=data_root, limit=limit,
                                              batch_size=batch_size, task_dirs=task_dirs or [])
             result["tasks_scored_by"] = f"lm-eval {lm_eval_version()}"
         except ValueError as exc:

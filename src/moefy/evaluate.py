@@ -19,11 +19,22 @@ import torch
 from .errors import CalibrationDataError
 
 
-def load_eval_ids(tokenizer: Any, path: str | Path) -> torch.Tensor:
+def check_eval_text(path: str | Path) -> Path:
+    """An evaluation text file that exists and holds text (checked before any model loads)."""
     p = Path(path)
     if not p.is_file():
         raise CalibrationDataError(f"evaluation text not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    if p.stat().st_size == 0:
+        raise CalibrationDataError(f"evaluation text is empty: {p}")
+    return p
+
+
+def load_eval_ids(tokenizer: Any, path: str | Path) -> torch.Tensor:
+    p = check_eval_text(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(f"cannot read {p} as UTF-8 text: {exc}") from None
     return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
 
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from .task_data import LOCAL_TASKS, default_data_root, existing_task_path, write_task_config
 
-__all__ = ["LOCAL_TASKS", "default_data_root", "evaluate_tasks", "lm_eval_version"]
+__all__ = ["CHANCE", "LOCAL_TASKS", "check_tasks", "default_data_root", "evaluate_tasks", "lm_eval_version", "retention"]
 
 # acc_norm equals acc by construction (one shared continuation per item): see the module docstring
 _ACC_NORM_IS_ACC = {"winogrande"}
@@ -94,6 +94,38 @@ def _n_samples(out: dict[str, Any], name: str) -> int:
     return sum(_n_samples(out, t) for t in subtasks)
 
 
+def check_tasks(
+    tasks: Iterable[str] | str, data_root: str | os.PathLike | None = None, limit: int | None = None,
+    task_dirs: Sequence[str | os.PathLike] = (),
+) -> list[str]:
+    """The task names, checked without a model: moefy's offline copies must have their data
+    files, task folders must exist (other names are checked by lm-eval when they run).  Raises
+    ``ValueError`` with one line; ``moefy eval`` calls it before loading any model."""
+    names = _split_names(tasks)
+    if not names:
+        raise ValueError(f"no tasks given; moefy's offline tasks: {', '.join(LOCAL_TASKS)}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    for name in names:
+        if name in LOCAL_TASKS:
+            existing_task_path(name, data_root)
+    for d in task_dirs:
+        if not Path(d).is_dir():
+            raise ValueError(f"task config folder not found: {d}")
+    others = [n for n in names if n not in LOCAL_TASKS]
+    if others:  # lm-eval's own tasks and those in task_dirs: index them (about 15 s)
+        _lm_eval()
+        from lm_eval.tasks import TaskManager
+
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        known = TaskManager(include_path=[str(d) for d in task_dirs] or None, include_defaults=True).all_tasks
+        unknown = [n for n in others if n not in known]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}: neither moefy's offline copies ({', '.join(LOCAL_TASKS)}) "
+                             "nor a task lm-eval knows (give its config folder with --task-dir)")
+    return names
+
+
 def evaluate_tasks(
     model: Any,
     tokenizer: Any,
@@ -113,18 +145,9 @@ def evaluate_tasks(
     ``details``, each task also gets ``"items"``: per item (by ``doc_id``) lm-eval's requests
     ``[context, continuation]`` and the log-likelihood of each choice.
     """
-    names = _split_names(tasks)
-    if not names:
-        raise ValueError(f"no tasks given; moefy's offline tasks: {', '.join(LOCAL_TASKS)}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    names = check_tasks(tasks, data_root, limit, task_dirs)
     local = [n for n in names if n in LOCAL_TASKS]
-    for name in local:
-        existing_task_path(name, data_root)
     dirs = [str(Path(d)) for d in task_dirs]
-    for d in dirs:
-        if not Path(d).is_dir():
-            raise ValueError(f"task config folder not found: {d}")
     lm_eval = _lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -167,3 +190,62 @@ def evaluate_tasks(
                           for x in sorted(out["samples"].get(name, []), key=lambda x: x["doc_id"])]
         results[name] = r
     return results
+
+
+# ------------------------------------------------------------------------------------------
+# what a converted model keeps of its reference's zero-shot ability
+# ------------------------------------------------------------------------------------------
+
+# Accuracy of a uniform guess on each task moefy knows (the number of choices per item is fixed
+# for these); lm-eval tasks not listed here are reported but left out of the retention.
+CHANCE: dict[str, float] = {
+    "arc_easy": 0.25, "arc_challenge": 0.25, "piqa": 0.5, "hellaswag": 0.25, "winogrande": 0.5,
+    "openbookqa": 0.25, "boolq": 0.5, "sciq": 0.25, "social_iqa": 1 / 3, "mmlu": 0.25,
+}
+
+
+def retention(
+    reference: dict[str, dict[str, Any]], model: dict[str, dict[str, Any]], metric: str = "acc_norm",
+    min_sigma: float = 2.0,
+) -> dict[str, Any]:
+    """How much of ``reference``'s above-chance accuracy ``model`` keeps, over the tasks both
+    were scored on: ``sum_t (model_t - chance_t) / sum_t (reference_t - chance_t)``, the measure
+    the DOT-MoE paper's headline is (66.6 of 76.6 over a 37.5 chance average: 74%).
+
+    A task counts only where the reference is above chance by more than ``min_sigma`` of its
+    standard error, since a task the reference cannot do cannot show what a model kept of it;
+    tasks without a known chance level are left out too.  Both kinds are listed with the reason.
+    ``stderr`` treats the tasks and the two models as independent (conservative for two models
+    scored on the same items).  Returns ``{"retention", "stderr", "tasks", "excluded", "metric"}``
+    (``retention`` is ``None`` when no task counts)."""
+    used: list[str] = []
+    excluded: dict[str, str] = {}
+    num = den = var_num = var_den = 0.0
+    for task, ref in reference.items():
+        if task not in model:
+            continue
+        m = model[task]
+        if task not in CHANCE:
+            excluded[task] = "no known chance level"
+            continue
+        if not isinstance(ref.get(metric), (int, float)) or not isinstance(m.get(metric), (int, float)):
+            excluded[task] = f"no {metric}"
+            continue
+        c = CHANCE[task]
+        ref_se = float(ref.get(f"{metric}_stderr") or 0.0)
+        ref_se = 0.0 if math.isnan(ref_se) else ref_se
+        if ref[metric] - c <= min_sigma * ref_se or ref[metric] <= c:
+            excluded[task] = f"reference {ref[metric]:.3f} is within {min_sigma:g} stderr of chance {c:.3f}"
+            continue
+        m_se = float(m.get(f"{metric}_stderr") or 0.0)
+        m_se = 0.0 if math.isnan(m_se) else m_se
+        used.append(task)
+        num += m[metric] - c
+        den += ref[metric] - c
+        var_num += m_se ** 2
+        var_den += ref_se ** 2
+    if not used:
+        return {"retention": None, "stderr": None, "tasks": [], "excluded": excluded, "metric": metric}
+    r = num / den
+    se = math.sqrt(var_num + r * r * var_den) / den
+    return {"retention": r, "stderr": se, "tasks": used, "excluded": excluded, "metric": metric}
