@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ JSON_SUFFIXES = (".jsonl", ".json")
 class CalibrationSet:
     ids: torch.Tensor  # [n_seq, seq_len]
     source: str
+    parts: list[dict[str, Any]] | None = None  # a mixture's sources (moefy.mixture.calibration_mixture)
 
     @property
     def n_tokens(self) -> int:

@@ -72,7 +72,7 @@ def convert(
     shared_by: Annotated[Optional[str], typer.Option(help="Shared neurons chosen by: rate (CMoE: most often active) | importance (|activation| x down norm) | obs (greedy structured Optimal Brain Surgeon on the layer's target; with --method prune it picks the kept neurons too). [default: rate]", show_default=False)] = None,
     allocate: Annotated[str, typer.Option(help="Shared neurons per layer: uniform (--shared in every layer) | kl (measured per layer on the calibration text and moved to the layers whose held-out KL drops most; the mean stays --shared; needs the whole model in memory)")] = "uniform",
     allocate_tokens: Annotated[int, typer.Option(help="--allocate kl measures on at most this many of the calibration tokens (the first ones).")] = 16384,
-    calib: Annotated[Optional[list[Path]], typer.Option("--calib", help="Calibration text (.txt/.jsonl/.json); repeatable. None: data-free.")] = None,
+    calib: Annotated[Optional[list[str]], typer.Option("--calib", help="Calibration text (.txt/.jsonl/.json); repeatable. SOURCE@WEIGHT (any --data source of moefy train, or 'teacher': samples of the dense model) makes a weighted mixture. None: data-free.")] = None,
     calib_tokens: Annotated[int, typer.Option(help="Calibration token budget.")] = 32768,
     seq_len: Annotated[int, typer.Option(help="Calibration sequence length.")] = 512,
     train_data: Annotated[Optional[list[str]], typer.Option("--train-data", help="End-to-end stage text (default: the --calib files past the calibration tokens); repeatable.")] = None,
@@ -204,7 +204,7 @@ def eval_cmd(
     Every model, file and task is checked before the first model runs; each model is loaded whole
     (in --dtype), one that cannot fit in this machine's memory is refused in one line; the JSON
     is rewritten after each model, so a later failure keeps what was computed."""
-    from .evaluate import check_eval_text
+    from .evaluate import add_relative, check_eval_text, evaluate_model
     from .memory import DTYPES
     from .models import locate
 
@@ -229,10 +229,15 @@ def eval_cmd(
     labels = model_labels(models)
     results: list[dict[str, Any]] = []
     for m, src, label in zip(models, sources, labels):
-        r = _eval_one(m, src, ppl, seq_len, max_windows, names, limit, data_root, batch_size, dtype, task_dir or [])
+        with _Bars() as bars:
+            try:
+                r = evaluate_model(m, src, ppl, seq_len, max_windows, names, limit, data_root, batch_size, dtype,
+                                   task_dir or [], progress=bars, log=_log)
+            except ValueError as exc:  # lm-eval could not run a task: one line
+                raise ConfigError(str(exc).splitlines()[0]) from None
         r["label"] = label
         results.append(r)
-        _add_relative(results, metric)
+        add_relative(results, metric)
         if json_out is not None:
             _write_json(json_out, {"reference": models[0], "metric": metric, "complete": len(results) == len(models),
                                    "models": results})
@@ -253,20 +258,6 @@ def model_labels(models: list[str]) -> list[str]:
             return labels
         depth = [d + 1 if lab in dup and d < len(p) else d for lab, p, d in zip(labels, parts, depth)]
     return list(models)
-
-
-def _add_relative(results: list[dict[str, Any]], metric: str) -> None:
-    """Each result's perplexities as multiples of the first model's, and its zero-shot retention."""
-    from .zeroshot import retention
-
-    ref = results[0]
-    for r in results:
-        for name, p in r.get("perplexity", {}).items():
-            base = ref.get("perplexity", {}).get(name)
-            if base:
-                p["x_ref"] = p["ppl"] / base["ppl"]
-        if ref.get("tasks") and r.get("tasks"):
-            r["retention"] = retention(ref["tasks"], r["tasks"], metric)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -367,8 +358,8 @@ def train(
     ckpt: Annotated[Path, typer.Argument(help="A moefy checkpoint (the output of moefy convert or moefy train).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint directory.")],
     teacher: Annotated[Optional[str], typer.Option(help="The dense model (as for convert); default: the checkpoint's recorded source.")] = None,
-    data: Annotated[Optional[list[str]], typer.Option("--data", help="Training text: files, globs, directories, .jsonl/.parquet/.arrow, or moefy tokenize shards; repeatable. None: sampled from the teacher.")] = None,
-    val_data: Annotated[Optional[list[str]], typer.Option("--val-data", help="Held-out text (default: the first --val-sequences of --data, never trained on).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Training text: files, globs, directories, .jsonl/.parquet/.arrow, moefy tokenize shards, or 'teacher' (text sampled from it); SOURCE@WEIGHT makes a weighted mixture; repeatable. None: sampled from the teacher.")] = None,
+    val_data: Annotated[Optional[list[str]], typer.Option("--val-data", help="Held-out text (default: the first --val-sequences of --data, or of each mixture source, never trained on); repeatable: one held-out set per file, each scored apart.")] = None,
     tokens: Annotated[Optional[int], typer.Option(help="Training tokens (all processes together).")] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Sequence length.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per process and micro-batch.")] = None,
@@ -386,7 +377,8 @@ def train(
     warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warmup steps.")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="Held-out evaluation every N steps.")] = None,
     val_sequences: Annotated[Optional[int], typer.Option(help="Held-out sequences.")] = None,
-    keep_best: Annotated[Optional[bool], typer.Option("--keep-best/--keep-last", help="Export the state with the lowest held-out KL, or the last.")] = None,
+    keep_best: Annotated[Optional[bool], typer.Option("--keep-best/--keep-last", help="Export the state with the best held-out --select-by figure, or the last.")] = None,
+    select_by: Annotated[Optional[str], typer.Option("--select-by", help="What keep-best minimises on the held-out text: loss (the trained objective: kl-weight x KL + ce-weight x CE) | kl | ppl. [default: loss]", show_default=False)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Resumable checkpoint every N steps.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
     mixed_precision: Annotated[Optional[str], typer.Option(help="auto (bf16 on GPU) | no | bf16 | fp16")] = None,
@@ -424,7 +416,8 @@ def train(
     flags = dict(tokens=tokens, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, lr_scale=lr_scale,
                  kl_weight=kl_weight, ce_weight=ce_weight, z_loss_weight=z_loss_weight, balance_weight=balance_weight,
                  learn_assignment=learn_assignment, tau_start=tau_start, tau_end=tau_end, warmup_steps=warmup_steps,
-                 eval_every=eval_every, val_sequences=val_sequences, keep_best=keep_best, checkpoint_every=checkpoint_every,
+                 eval_every=eval_every, val_sequences=val_sequences, keep_best=keep_best, select_by=select_by,
+                 checkpoint_every=checkpoint_every,
                  gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, seed=seed)
     settings.update({k: v for k, v in flags.items() if v is not None})
     group_lrs = _parse_lr_groups(lr_group, freeze)
@@ -435,7 +428,7 @@ def train(
     _check_training_memory(ckpt)
     try:
         with _TrainBar() as bar:
-            res = run_train(ckpt, out, cfg, [str(d) for d in data or []] or None, teacher=teacher,
+            res = run_train(ckpt, out, cfg, [d if isinstance(d, dict) else str(d) for d in data or []] or None, teacher=teacher,
                             val_data=[str(v) for v in val_data or []] or None, overwrite=overwrite, log=_log, report=bar)
     except KeyboardInterrupt:
         raise InterruptedRun(f"interrupted; progress is saved in {work_dir_for(out)}; rerun the same command to resume") from None
@@ -446,10 +439,16 @@ def train(
         table.add_column("tokens", justify="right")
         table.add_column("held-out KL", justify="right")
         table.add_column("held-out PPL", justify="right")
+        table.add_column("held-out loss", justify="right")
+        sets = [k[len("val_ppl/"):] for k in (entry["history"][0] if entry["history"] else {}) if k.startswith("val_ppl/")]
+        for name in sets:
+            table.add_column(f"PPL {name}", justify="right")
         tps = cfg.seq_len * cfg.batch_size * cfg.grad_accum * entry["processes"]
         for h in entry["history"]:
             mark = " (kept)" if h["step"] == entry["kept_step"] else ""
-            table.add_row(f"{h['step']}{mark}", str(h["step"] * tps), f"{h['val_kl']:.4f}", f"{h['val_ppl']:.2f}")
+            table.add_row(f"{h['step']}{mark}", str(h["step"] * tps), f"{h['val_kl']:.4f}", f"{h['val_ppl']:.2f}",
+                          f"{h.get('val_loss', h['val_kl']):.4f}", *[f"{h[f'val_ppl/{n}']:.2f}" for n in sets])
+        _log(f"kept by held-out {cfg.select_by}")
         console.print(table)
         _log(f"{entry['tokens']} tokens in {entry['seconds']:.0f} s ({entry['tokens_per_second']:.1f} tokens/s), "
              f"peak RSS {entry['peak_rss_mib']:.0f} MiB")
@@ -505,55 +504,6 @@ def retention_notes(results: list[dict[str, Any]]) -> list[str]:
              f"{', '.join(ret['tasks']) or 'no task'}"]
     lines += [f"not counted: {task}: {why}" for task, why in ret["excluded"].items()]
     return lines
-
-
-def _eval_one(
-    model: str,
-    src: Any,
-    ppl: list[Path],
-    seq_len: int,
-    max_windows: int | None,
-    tasks: list[str],
-    limit: int | None,
-    data_root: Path | None,
-    batch_size: int,
-    dtype: str = "fp32",
-    task_dirs: list[Path] | None = None,
-) -> dict[str, Any]:
-    """One model's perplexities (``"perplexity": {file: {...}}``; the first file's figures also at
-    the top level, as before several files) and zero-shot scores."""
-    from .evaluate import load_eval_ids, perplexity
-    from .memory import DTYPES, check_whole_model
-    from .models import checkpoint_dtype, load, parameter_count
-
-    torch_dtype = checkpoint_dtype(src) if dtype == "auto" else DTYPES[dtype]
-    n_params = parameter_count(src)
-    if n_params:
-        check_whole_model(f"evaluating {model}", int(n_params * torch_dtype.itemsize * 1.1),
-                          "evaluate on a machine with more memory (or with --dtype bf16)", log=_log)
-    loaded = load(src, torch_dtype)
-    result: dict[str, Any] = {"model": model, "loaded_from": loaded.source}
-    with _Bars() as bars:
-        for f in ppl:
-            ids = load_eval_ids(loaded.tokenizer, f)
-            r = perplexity(
-                loaded.model, ids, seq_len=seq_len, max_windows=max_windows,
-                progress=lambda d, t, f=f: bars(f"perplexity {model} {f.name}", d, t),
-            )
-            r["ppl_file"] = str(f)
-            result.setdefault("perplexity", {})[str(f)] = r
-            if len(result["perplexity"]) == 1:
-                result.update(r)
-    if tasks:
-        from .zeroshot import evaluate_tasks, lm_eval_version
-
-        try:
-            result["tasks"] = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, data_root=data_root, limit=limit,
-                                             batch_size=batch_size, task_dirs=task_dirs or [])
-            result["tasks_scored_by"] = f"lm-eval {lm_eval_version()}"
-        except ValueError as exc:
-            raise ConfigError(str(exc).splitlines()[0]) from None
-    return result
 
 
 @app.command()

@@ -354,10 +354,13 @@ def load_convert_recipe(path: str | Path) -> ConvertRecipe:
             setattr(recipe, key, items[key])
     for key in ("calib", "train_data"):
         if key in items and items[key] is not None:
-            value = [items[key]] if isinstance(items[key], str) else items[key]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"recipe {path}: {key} must be a path or a list of paths, got {items[key]!r}")
-            setattr(recipe, key, value)
+            value = [items[key]] if isinstance(items[key], (str, dict)) else items[key]
+            if not isinstance(value, list) or not all(isinstance(v, (str, dict)) for v in value):
+                raise ConfigError(f"recipe {path}: {key} must be a source or a list of sources, got {items[key]!r}")
+            from .mixture import parse_spec
+
+            # a mapping {path: FILE, weight: W} or {teacher: true, weight: W} reads as FILE@W
+            setattr(recipe, key, [str(parse_spec(v)) if isinstance(v, dict) else v for v in value])
     if "overwrite" in items:
         if not isinstance(items["overwrite"], bool):
             raise ConfigError(f"recipe {path}: overwrite must be true or false, got {items['overwrite']!r}")

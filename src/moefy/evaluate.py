@@ -89,3 +89,70 @@ def perplexity(
         for m in moe:
             m.count_active = False
     return out
+
+
+# ----------------------------------------------------------------------------- whole models
+def evaluate_loaded(
+    model: torch.nn.Module, tokenizer: Any, ppl: list[Path] | tuple[Path, ...] = (), seq_len: int = 1024,
+    max_windows: int | None = None, tasks: list[str] | tuple[str, ...] = (), limit: int | None = None,
+    data_root: Path | None = None, batch_size: int = 16, task_dirs: list[Path] | tuple[Path, ...] = (),
+    progress: Callable[[str, int, int], None] | None = None, name: str = "model",
+) -> dict[str, Any]:
+    """A loaded model's perplexity on each file (``"perplexity": {file: {...}}``; the first
+    file's figures also at the top level) and zero-shot scores (``"tasks"``, by lm-eval)."""
+    result: dict[str, Any] = {}
+    for f in ppl:
+        ids = load_eval_ids(tokenizer, f)
+        r = perplexity(model, ids, seq_len=seq_len, max_windows=max_windows,
+                       progress=None if progress is None else (lambda d, t, f=f: progress(f"perplexity {name} {Path(f).name}", d, t)))
+        r["ppl_file"] = str(f)
+        result.setdefault("perplexity", {})[str(f)] = r
+        if len(result["perplexity"]) == 1:
+            result.update(r)
+    if tasks:
+        from .zeroshot import evaluate_tasks, lm_eval_version
+
+        result["tasks"] = evaluate_tasks(model, tokenizer, list(tasks), data_root=data_root, limit=limit,
+                                         batch_size=batch_size, task_dirs=list(task_dirs))
+        result["tasks_scored_by"] = f"lm-eval {lm_eval_version()}"
+    return result
+
+
+def evaluate_model(
+    spec: str, src: Any = None, ppl: list[Path] | tuple[Path, ...] = (), seq_len: int = 1024,
+    max_windows: int | None = None, tasks: list[str] | tuple[str, ...] = (), limit: int | None = None,
+    data_root: Path | None = None, batch_size: int = 16, dtype: str = "fp32",
+    task_dirs: list[Path] | tuple[Path, ...] = (), progress: Callable[[str, int, int], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """:func:`evaluate_loaded` of the model ``spec`` names (as ``moefy eval`` takes it), loaded
+    whole in ``dtype`` (``auto``: the checkpoint's own) after a memory check."""
+    from .memory import DTYPES, check_whole_model
+    from .models import checkpoint_dtype, load, locate, parameter_count
+
+    src = src if src is not None else locate(spec)
+    torch_dtype = checkpoint_dtype(src) if dtype == "auto" else DTYPES[dtype]
+    n_params = parameter_count(src)
+    if n_params:
+        check_whole_model(f"evaluating {spec}", int(n_params * torch_dtype.itemsize * 1.1),
+                          "evaluate on a machine with more memory (or with --dtype bf16)", log=log)
+    loaded = load(src, torch_dtype)
+    result: dict[str, Any] = {"model": spec, "loaded_from": loaded.source}
+    result.update(evaluate_loaded(loaded.model, loaded.tokenizer, ppl, seq_len, max_windows, tasks, limit, data_root,
+                                  batch_size, task_dirs, progress, name=spec))
+    return result
+
+
+def add_relative(results: list[dict[str, Any]], metric: str = "acc_norm") -> None:
+    """Each result's perplexities as multiples of the first result's (``x_ref``), and its
+    zero-shot retention against it (:func:`moefy.zeroshot.retention`)."""
+    from .zeroshot import retention
+
+    ref = results[0]
+    for r in results:
+        for name, p in r.get("perplexity", {}).items():
+            base = ref.get("perplexity", {}).get(name)
+            if base:
+                p["x_ref"] = p["ppl"] / base["ppl"]
+        if ref.get("tasks") and r.get("tasks"):
+            r["retention"] = retention(ref["tasks"], r["tasks"], metric)

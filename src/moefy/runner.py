@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__, testing_hooks
 from .adapters import get_adapter
 from .calibration import CalibrationSet, calib_files, check_paths, from_files, sample_from_model
+from .mixture import calibration_mixture, check_sources, is_mixture, parse_specs
 from .config import ConvertConfig, resolve_device
 from .convert import active_fraction, drift_correction_for, layerwise_stage, summary
 from .errors import ConfigError, OutputExistsError
@@ -55,6 +56,12 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}.moefy-work"
 
 
+def _resolve(spec: str) -> list[Path]:
+    from .training.data import resolve_sources
+
+    return resolve_sources([spec])
+
+
 def fingerprint(
     model_spec: str, cfg: ConvertConfig, calib: list[str], work: Path | None = None, log: Log | None = None
 ) -> str:
@@ -76,7 +83,14 @@ def fingerprint(
             h.update(fh.read(4 * mib))
         return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_head_tail": h.hexdigest()}
 
-    files = [{"path": p, **contents(p)} for p in calib]
+    files = []
+    for spec in parse_specs(calib):
+        if spec.is_teacher:
+            files.append({"path": str(spec)})
+            continue
+        paths = [spec.spec] if Path(spec.spec).is_file() else [str(p) for p in _resolve(spec.spec)]
+        for p in paths:
+            files.append({"path": p, **contents(p), **({"weight": spec.weight} if spec.weight is not None else {})})
     blob = json.dumps({"model": model_spec, "cfg": cfg.to_dict(), "calib": files, "v": __version__}, sort_keys=True)
     fp = hashlib.sha256(blob.encode()).hexdigest()[:16]
     state = work / "state.json" if work is not None else None
@@ -124,7 +138,8 @@ class WorkDir:
         return False
 
     def save_calib(self, calib: CalibrationSet) -> None:
-        _atomic_save({"ids": calib.ids}, self.path / "calib.safetensors", {"source": calib.source})
+        meta = {"source": calib.source, **({"parts": json.dumps(calib.parts)} if calib.parts is not None else {})}
+        _atomic_save({"ids": calib.ids}, self.path / "calib.safetensors", meta)
 
     def load_calib(self) -> CalibrationSet | None:
         p = self.path / "calib.safetensors"
@@ -133,8 +148,9 @@ class WorkDir:
         from safetensors import safe_open
 
         with safe_open(str(p), framework="pt") as fh:
-            source = (fh.metadata() or {}).get("source", "resumed")
-        return CalibrationSet(load_file(str(p))["ids"], source)
+            meta = fh.metadata() or {}
+        parts = json.loads(meta["parts"]) if "parts" in meta else None
+        return CalibrationSet(load_file(str(p))["ids"], meta.get("source", "resumed"), parts)
 
     def save_allocation(self, shared: list[int], curves: list[dict[str, Any]]) -> None:
         _atomic_json({"shared_per_layer": shared, "curves": curves}, self.path / "allocation.json")
@@ -201,6 +217,8 @@ def _why_not_onload(src: Source, cfg: ConvertConfig, calib_files: list[str]) -> 
         return f"--stage {cfg.stage} trains the whole model"
     if not calib_files:
         return "data-free calibration samples text from the whole dense model (give --calib FILE)"
+    if any(sp.is_teacher for sp in parse_specs(calib_files)):
+        return "calibration with the teacher's samples samples text from the whole dense model"
     if cfg.select == "model":
         return "--select model scores each layer's fits through the rest of the model"
     if cfg.allocate != "uniform" and cfg.shared_per_layer is None:
@@ -237,7 +255,14 @@ def run_convert(
         raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
     cfg.validate()
     calib_files = list(calib_files or [])
-    check_paths(calib_files)
+    calib_specs = parse_specs(calib_files)
+    mixed = is_mixture(calib_specs)
+    if mixed:
+        check_sources(calib_specs)
+        if cfg.stage != "layerwise" and not train_files:
+            raise ConfigError("the end-to-end stage with a calibration mixture needs --train-data (or use moefy train --data)")
+    else:
+        check_paths(calib_files)
     if train_files:
         from .training.data import resolve_sources
 
@@ -299,7 +324,9 @@ def run_convert(
     resuming = work.open()
     calib = work.load_calib() if resuming else None
     if calib is None:
-        if calib_files:
+        if mixed:
+            calib = calibration_mixture(tok, calib_specs, cfg.calib_tokens, cfg.seq_len, batch=8, model=model, seed=cfg.seed)
+        elif calib_files:
             calib = from_files(tok, calib_files, cfg.calib_tokens, cfg.seq_len, batch=8)
         else:
             log("no --calib files given: sampling calibration text from the dense model (data-free)")
@@ -470,7 +497,8 @@ def build_record(
         "stage": cfg.stage,
         "router": cfg.router,
         "calibration": {"source": calib.source, "tokens": calib.n_tokens, "sequences": int(calib.ids.shape[0]),
-                        "seq_len": int(calib.ids.shape[1]), "files": calib_files(calib.source)},
+                        "seq_len": int(calib.ids.shape[1]), "files": calib_files(calib.source),
+                        **({"sources": calib.parts} if calib.parts is not None else {})},
         "config": cfg.to_dict(),
         "dtype": cfg.dtype,
         **({"loading": loading} if loading is not None else {}),

@@ -51,6 +51,10 @@ class TrainConfig:
     val_sequences: int = 16
     eval_every: int = 25
     keep_best: bool = True
+    # what keep-best minimises on the held-out text: loss (kl_weight KL + ce_weight CE, the
+    # objective trained), kl, or ppl.  With the CE term on, held-out KL can rise while PPL falls
+    # (docs/BENCHMARKS.md), so selecting by KL alone threw such trainings away.
+    select_by: str = "loss"
     # running
     checkpoint_every: int = 25
     gradient_checkpointing: bool = False
@@ -99,6 +103,8 @@ class TrainConfig:
             raise ConfigError("anneal_fraction must be within 0..1")
         if self.val_sequences < 0 or self.eval_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("val_sequences must be >= 0, eval_every and checkpoint_every >= 1")
+        if self.select_by not in ("loss", "kl", "ppl"):
+            raise ConfigError(f"unknown --select-by {self.select_by!r}; choose loss, kl or ppl")
         if self.loss_chunk < 1:
             raise ConfigError("loss_chunk must be at least 1")
 

@@ -363,6 +363,11 @@ class PackedData:
                 break
         return torch.stack(rows)
 
+    def val_groups(self) -> list[tuple[str, torch.Tensor]]:
+        """The held-out sequences as one named set (a mixture has one per source)."""
+        rows = self.val_rows()
+        return [] if rows is None else [("held_out", rows)]
+
     # -- the shuffled training order -----------------------------------------------------
     def _shuffled(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(position, sequence) over all epochs, positions counting from 0."""
@@ -463,3 +468,78 @@ def sample_data_free(
         shutil.rmtree(cache)
     os.replace(tmp, cache)
     return cache
+
+
+# ----------------------------------------------------------------------------- mixtures
+class MixedData:
+    """A weighted mixture of :class:`PackedData` streams (:mod:`moefy.mixture`): training position
+    ``n`` is sequence ``index`` of source ``source`` by the mixture's :class:`~moefy.mixture.Schedule`
+    (a pure function of the weights), so batches are, as for one stream, a pure function of the
+    step; each source holds out its own first sequences (its share of the held-out set)."""
+
+    def __init__(self, parts: list[PackedData], names: list[str], ws: list[float]) -> None:
+        from ..mixture import Schedule
+
+        if len({p.seq_len for p in parts}) != 1:
+            raise CalibrationDataError("mixture sources must share one sequence length")
+        self.parts, self.names, self.ws = parts, names, list(ws)
+        self.seq_len = parts[0].seq_len
+        self.schedule = Schedule(self.ws)
+        self.sources = [s for p in parts for s in p.sources]
+        self.val_sequences = sum(p.val_sequences for p in parts)
+
+    def rows(self, start: int, count: int) -> torch.Tensor:
+        self.schedule.upto(start + count)
+        out = [self.parts[self.schedule.source[n]].rows(self.schedule.index[n], 1)[0] for n in range(start, start + count)]
+        return torch.stack(out)
+
+    def batch(self, step: int, micro: int, accum: int, world: int, rank: int, batch_size: int) -> torch.Tensor:
+        global_batch = batch_size * accum * world
+        return self.rows(step * global_batch + micro * world * batch_size + rank * batch_size, batch_size)
+
+    def val_groups(self) -> list[tuple[str, torch.Tensor]]:
+        groups = [(name, p.val_rows()) for name, p in zip(self.names, self.parts)]
+        return [(n, r) for n, r in groups if r is not None]
+
+    def val_rows(self) -> torch.Tensor | None:
+        groups = self.val_groups()
+        return torch.cat([r for _, r in groups]) if groups else None
+
+    def share_report(self, n_sequences: int) -> dict[str, int]:
+        """How many of the first ``n_sequences`` training sequences each source gives."""
+        self.schedule.upto(n_sequences)
+        counts = {name: 0 for name in self.names}
+        for s in self.schedule.source[:n_sequences]:
+            counts[self.names[s]] += 1
+        return counts
+
+    @property
+    def n_train_sequences(self) -> int | None:
+        return None
+
+
+class HeldOut:
+    """Named held-out sets (several ``--val-data`` files: one set each)."""
+
+    def __init__(self, groups: list[tuple[str, torch.Tensor]]) -> None:
+        self.groups = groups
+
+    def val_groups(self) -> list[tuple[str, torch.Tensor]]:
+        return self.groups
+
+    def val_rows(self) -> torch.Tensor | None:
+        return torch.cat([r for _, r in self.groups]) if self.groups else None
+
+
+def stream_windows(tokenizer: Any, spec: str, n_sequences: int, seq_len: int) -> torch.Tensor:
+    """The first ``n_sequences`` packed sequences of one source in stream order (the calibration
+    layout: BOS plus ``seq_len - 1`` stream tokens); too few is one line."""
+    data = PackedData(tokenizer, [spec], seq_len)
+    rows = []
+    for r in data._raw_rows():
+        rows.append(r)
+        if len(rows) == n_sequences:
+            break
+    if len(rows) < n_sequences:
+        raise CalibrationDataError(f"{spec} holds {len(rows)} sequences of {seq_len} tokens; its share needs {n_sequences}")
+    return torch.stack(rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -27,7 +28,8 @@ from ..errors import ConfigError, ModelNotFoundError, OutputExistsError, Teacher
 from ..export import save_checkpoint
 from ..hf.modeling_moefy import MoefyForCausalLM
 from .config import TrainConfig
-from .data import PackedData, resolve_sources, sample_data_free
+from ..mixture import SourceSpec, check_teacher_only_once, is_mixture, parse_specs, shares, weights
+from .data import HeldOut, MixedData, PackedData, resolve_sources, sample_data_free
 from .student import Student, build_student, export_student
 from .trainer import Log, Report, Teacher, TrainOutcome, TrainState, make_accelerator, plot_curve, train
 
@@ -50,10 +52,12 @@ def _file_id(p: Path) -> Any:
     return [st.st_size, st.st_mtime_ns]
 
 
-def fingerprint(ckpt: Path, teacher: str, cfg: TrainConfig, data: list[Path], val: list[Path]) -> str:
+def fingerprint(ckpt: Path, teacher: str, cfg: TrainConfig, data: list[Path], val: list[Path],
+                specs: list[str] | None = None) -> str:
     blob = json.dumps({
         "ckpt": str(ckpt), "ckpt_files": _file_id(ckpt), "teacher": teacher, "cfg": cfg.to_dict(),
         "data": [(str(p), _file_id(p)) for p in data], "val": [(str(p), _file_id(p)) for p in val], "v": __version__,
+        **({"specs": specs} if specs and any("@" in sp or sp == "teacher" for sp in specs) else {}),
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -128,34 +132,106 @@ def skipped_note(skip: int) -> str:
     return f" after the first {skip} tokens (the calibration text)" if skip else ""
 
 
+def calibration_spans(record: dict[str, Any]) -> list[tuple[list[str], int, int]]:
+    """The calibration text a checkpoint's layer-wise stage fitted, per calibration source:
+    ``(files, tokens fitted from the start of those files, seq_len)``."""
+    cal = record.get("calibration") or {}
+    seq_len = int(cal.get("seq_len", 0))
+    if cal.get("sources"):  # a calibration mixture: each source's share, from its start
+        return [(list(src["files"]), int(src["sequences"]) * seq_len, seq_len) for src in cal["sources"] if src.get("files")]
+    cfiles = cal.get("files")
+    if cfiles is None:  # checkpoints written before the files were recorded
+        cfiles = calib_files(str(cal.get("source", "")))
+    return [(list(cfiles), int(cal.get("sequences", 0)) * seq_len, seq_len)] if cfiles else []
+
+
 def calibration_skip(record: dict[str, Any], files: Sequence[str | Path]) -> tuple[int, str]:
     """Stream tokens ``moefy train`` drops from ``files`` so that its held-out sequences (and
     its training) start past the text the layer-wise stage fitted, with a note for the log.
 
     The layer-wise stage fitted its routers, split and ridge refit on the first ``sequences x
-    seq_len`` tokens of its calibration files, read in order.  Measured on SmolLM2-135M (E=8,
-    k=2, 16,384 tokens of WikiText-2 valid): the converted model scores 2.3x dense perplexity on
-    those tokens but 3.6-4.7x on later valid text, so a held-out set drawn from them reports a
-    model far better than it is.  When ``files`` opens with the calibration's first file the
-    same tokens open this stream: they are skipped, plus one sequence of margin (the two
-    readers' windows differ by a BOS).  A calibration file later in ``files`` only adds its
-    fitted tokens to training, never to the held-out set; a calibration that spans several
-    files while ``files`` starts inside one of its later files is reported, not guessed at."""
-    cal = record.get("calibration") or {}
-    cfiles = cal.get("files")
-    if cfiles is None:  # checkpoints written before the files were recorded
-        cfiles = calib_files(str(cal.get("source", "")))
-    if not cfiles or not files:
+    seq_len`` tokens of its calibration files, read in order (of each source's files, for a
+    calibration mixture).  Measured on SmolLM2-135M (E=8, k=2, 16,384 tokens of WikiText-2
+    valid): the converted model scores 2.3x dense perplexity on those tokens but 3.6-4.7x on
+    later valid text, so a held-out set drawn from them reports a model far better than it is.
+    When ``files`` opens with a calibration source's first file the same tokens open this
+    stream: they are skipped, plus one sequence of margin (the two readers' windows differ by a
+    BOS).  A calibration file later in ``files`` only adds its fitted tokens to training, never
+    to the held-out set; a calibration that spans several files while ``files`` starts inside
+    one of its later files is reported, not guessed at."""
+    if not files:
         return 0, ""
     names = [str(Path(f).expanduser().resolve()) for f in files]
-    span = int(cal.get("sequences", 0)) * int(cal.get("seq_len", 0))
-    if names[0] == cfiles[0]:
-        skip = span + int(cal.get("seq_len", 0))
-        return skip, f"skipping the first {skip} tokens of {files[0]} (the checkpoint's calibration text)"
-    if names[0] in cfiles:
-        return 0, (f"warning: {files[0]} is one of the checkpoint's calibration files but not its first; the "
-                   "held-out sequences may overlap the calibration text; pass --val-data with other text")
+    for cfiles, span, seq_len in calibration_spans(record):
+        if names[0] == cfiles[0]:
+            skip = span + seq_len
+            return skip, f"skipping the first {skip} tokens of {files[0]} (the checkpoint's calibration text)"
+    for cfiles, _, _ in calibration_spans(record):
+        if names[0] in cfiles:
+            return 0, (f"warning: {files[0]} is one of the checkpoint's calibration files but not its first; the "
+                       "held-out sequences may overlap the calibration text; pass --val-data with other text")
     return 0, ""
+
+
+TEACHER_SAMPLE_SEED_OFFSET = 7919  # training samples of the teacher never repeat calibration's (seeded cfg.seed)
+
+
+def build_stream(
+    tok: Any, specs: list[SourceSpec], cfg: TrainConfig, record: dict[str, Any], teacher: Any, work: Path,
+    held_given: bool, world: int, main: bool, log: Log, barrier: Any = lambda: None,
+) -> tuple[Any, str, dict[str, Any]]:
+    """The training stream of ``specs`` (files in order, data-free, or a weighted mixture), its
+    description, and what the record keeps of it (each mixture source's weight and share)."""
+    val = 0 if held_given else cfg.val_sequences
+    if not specs:
+        cache = work / "data_free"
+        if main:
+            sample_data_free(teacher, tok, cfg.tokens + cfg.val_sequences * cfg.seq_len, cfg.seq_len, cache, cfg.seed, log=log)
+        barrier()
+        desc = f"data-free: {cfg.tokens} tokens sampled from the teacher (seed {cfg.seed})"
+        log(f"no --data given: training on text sampled from the teacher ({desc})")
+        return PackedData(tok, [str(cache)], cfg.seq_len, seed=cfg.seed, val_sequences=val,
+                          shuffle_window=cfg.shuffle_window), desc, {}
+    if not is_mixture(specs):
+        files = resolve_sources([sp.spec for sp in specs])
+        skip, note = calibration_skip(record, files)
+        if note:
+            log(note)
+        stream = PackedData(tok, [str(f) for f in files], cfg.seq_len, seed=cfg.seed, val_sequences=val,
+                            skip_tokens=skip, shuffle_window=cfg.shuffle_window)
+        return stream, ", ".join(str(f) for f in files) + skipped_note(skip), {}
+    ws = weights(specs)
+    vals = shares(ws, val, at_least_one=True) if val else [0] * len(specs)
+    n_train = cfg.steps(world) * cfg.batch_size * cfg.grad_accum * world
+    parts, names, descs = [], [], []
+    for sp, w, v in zip(specs, ws, vals):
+        if sp.is_teacher:
+            need = math.ceil(w * n_train) + v + 1
+            seed = cfg.seed + TEACHER_SAMPLE_SEED_OFFSET
+            cache = work / "teacher_samples"
+            if main:
+                sample_data_free(teacher, tok, need * cfg.seq_len, cfg.seq_len, cache, seed, log=log)
+            barrier()
+            parts.append(PackedData(tok, [str(cache)], cfg.seq_len, seed=cfg.seed, val_sequences=v,
+                                    shuffle_window=cfg.shuffle_window))
+            descs.append(f"teacher@{w:.3g} ({need} sequences sampled, seed {seed})")
+        else:
+            files = resolve_sources([sp.spec])
+            skip, note = calibration_skip(record, files)
+            if note:
+                log(note)
+            parts.append(PackedData(tok, [str(f) for f in files], cfg.seq_len, seed=cfg.seed, val_sequences=v,
+                                    skip_tokens=skip, shuffle_window=cfg.shuffle_window))
+            descs.append(f"{sp.spec}@{w:.3g}" + skipped_note(skip))
+        names.append(sp.name)
+    if len(set(names)) != len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    stream = MixedData(parts, names, ws)
+    counts = stream.share_report(n_train)
+    log("mixture: " + ", ".join(f"{n} {c} of {n_train} training sequences ({c / max(n_train, 1):.1%})" for n, c in counts.items()))
+    info = {"mixture": [{"source": str(sp), "name": n, "weight": w, "train_sequences": counts[n], "held_out_sequences": v}
+                        for sp, n, w, v in zip(specs, names, ws, vals)]}
+    return stream, "mixture: " + ", ".join(descs), info
 
 
 def run_train(
@@ -177,8 +253,10 @@ def run_train(
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it")
     cfg.validate()
-    files = resolve_sources(list(data)) if data else []  # fail on bad paths before loading models
-    val_files = resolve_sources(list(val_data)) if val_data else []
+    specs = parse_specs(data)
+    check_teacher_only_once(specs)
+    files = resolve_sources([sp.spec for sp in specs if not sp.is_teacher]) if any(not sp.is_teacher for sp in specs) else []
+    val_files = resolve_sources(list(val_data)) if val_data else []  # fail on bad paths before loading models
     model, tok, record = load_student(ckpt)
     teacher_spec = teacher or record.get("source")
     if not teacher_spec:
@@ -189,33 +267,27 @@ def run_train(
     student = build_student(model, learn, neurons=[layer.get("neurons") for layer in record.get("layers", [])],
                             rounding=record.get("config", {}).get("rounding", "greedy"), margin=cfg.affinity_margin)
     accelerator = make_accelerator(cfg)
-    work = TrainState(work_dir_for(out), fingerprint(ckpt, teacher_spec, cfg, files, val_files))
+    work = TrainState(work_dir_for(out), fingerprint(ckpt, teacher_spec, cfg, files, val_files, [str(sp) for sp in specs]))
     if accelerator.is_main_process:
         resuming = work.open()
     accelerator.wait_for_everyone()
-    if not files:
-        cache = work.path / "data_free"
-        if accelerator.is_main_process:
-            sample_data_free(t_loaded.model, tok, cfg.tokens + cfg.val_sequences * cfg.seq_len, cfg.seq_len, cache, cfg.seed, log=log)
-        accelerator.wait_for_everyone()
-        specs, data_desc = [str(cache)], f"data-free: {cfg.tokens} tokens sampled from the teacher (seed {cfg.seed})"
-        log(f"no --data given: training on text sampled from the teacher ({data_desc})")
-    else:
-        specs, data_desc = [str(f) for f in files], ", ".join(str(f) for f in files)
-    skip, note = calibration_skip(record, files)
-    if note:
-        log(note)
-    data_desc += skipped_note(skip)
-    stream = PackedData(tok, specs, cfg.seq_len, seed=cfg.seed, val_sequences=0 if val_files else cfg.val_sequences,
-                        skip_tokens=skip, shuffle_window=cfg.shuffle_window)
-    held = None
+    stream, data_desc, data_info = build_stream(tok, specs, cfg, record, t_loaded.model, work.path, bool(val_files),
+                                                accelerator.num_processes, accelerator.is_main_process, log,
+                                                barrier=accelerator.wait_for_everyone)
+    held: Any = None
     if val_files:
-        vskip, vnote = calibration_skip(record, val_files)
-        if vnote:
-            log(vnote.replace("skipping", "held out: skipping"))
-        held = PackedData(tok, [str(f) for f in val_files], cfg.seq_len, seed=cfg.seed, val_sequences=cfg.val_sequences,
-                          skip_tokens=vskip)
-        val_desc = f"first {cfg.val_sequences} sequences of {', '.join(str(f) for f in val_files)}" + skipped_note(vskip)
+        sets = []
+        for f in val_files:
+            vskip, vnote = calibration_skip(record, [f])
+            if vnote:
+                log(vnote.replace("skipping", "held out: skipping"))
+            pd = PackedData(tok, [str(f)], cfg.seq_len, seed=cfg.seed, val_sequences=cfg.val_sequences, skip_tokens=vskip)
+            sets.append((f.stem, pd, skipped_note(vskip)))
+        held = sets[0][1] if len(sets) == 1 else HeldOut([(n, pd.val_rows()) for n, pd, _ in sets])
+        val_desc = "; ".join(f"first {cfg.val_sequences} sequences of {f}{note}" for f, (_, _, note) in zip(val_files, sets))
+    elif isinstance(stream, MixedData):
+        val_desc = "each mixture source's first sequences (never trained on): " + ", ".join(
+            f"{m['name']} {m['held_out_sequences']}" for m in data_info["mixture"])
     else:
         val_desc = f"first {cfg.val_sequences} sequences of the training data (never trained on)"
     log(f"data: {data_desc}; held out: {val_desc}")
@@ -225,7 +297,7 @@ def run_train(
     if learn:
         log(f"assignment: {sum(outcome.neurons_moved.values())} neurons moved expert "
             f"({', '.join(f'{i}:{n}' for i, n in outcome.neurons_moved.items())})")
-    entry = training_entry(cfg, outcome, teacher_spec, data_desc, val_desc, accelerator.num_processes)
+    entry = training_entry(cfg, outcome, teacher_spec, data_desc, val_desc, accelerator.num_processes) | data_info
     if accelerator.is_main_process:
         model.model.to("cpu")
         record = finish(student, tok, record, entry, out, overwrite, metrics,

@@ -14,8 +14,9 @@ The loop, in the order it runs (nanoGPT-style, one file):
    with the vocabulary-sized part computed in chunks (:mod:`moefy.training.losses`);
 4. with ``dot``, the Sinkhorn temperature anneals geometrically from ``tau_start`` to
    ``tau_end`` over ``anneal_fraction`` of the steps, after which the assignment is frozen;
-5. every ``eval_every`` steps: held-out KL and perplexity (hard routing, as exported), expert
-   load; with ``keep_best`` the state with the lowest held-out KL is kept (step 0 included);
+5. every ``eval_every`` steps: held-out KL, perplexity and loss (hard routing, as exported), per
+   held-out set when there are several, expert load; with ``keep_best`` the state with the lowest
+   held-out ``select_by`` figure (default: the trained objective's loss) is kept (step 0 included);
 6. every ``checkpoint_every`` steps the whole state (trainable tensors, optimizer, step,
    history, RNG) is written atomically to the work directory; rerunning continues from it and
    ends bit-identical to an uninterrupted run on CPU.
@@ -50,6 +51,15 @@ from .student import Student, set_trainable
 Report = Callable[[dict[str, Any]], None]
 Log = Callable[[str], None]
 KILL_AFTER_STEP = "MOEFY_TEST_KILL_AFTER_STEP"  # test-only: SIGKILL itself once step N is checkpointed
+
+
+# what keep-best compares (lower is better): the trained objective's held-out value, its KL, or PPL
+SELECT_BY = {"loss": "loss", "kl": "KL", "ppl": "perplexity"}
+
+
+def selection_score(ev: dict[str, Any], select_by: str) -> float:
+    """The held-out figure keep-best minimises, from one evaluation's record."""
+    return float({"loss": ev.get("val_loss", ev["val_kl"]), "kl": ev["val_kl"], "ppl": ev["val_ppl"]}[select_by])
 
 
 def _backbone(model: nn.Module) -> nn.Module:
@@ -288,7 +298,8 @@ def train(
         for j, d in enumerate(lapsum):
             d.k_budget = float(k_l[j].detach()) if detach else k_l[j]
 
-    val_ids = (held_out or data).val_rows()
+    groups = (held_out or data).val_groups()
+    val_ids = torch.cat([r for _, r in groups]) if groups else None
 
     @torch.no_grad()
     def recalibrate() -> None:
@@ -307,30 +318,38 @@ def train(
 
     @torch.no_grad()
     def evaluate(step: int) -> dict[str, Any]:
-        """Held-out KL and perplexity with hard routing (what the exported model computes)."""
+        """Held-out KL, perplexity and loss (the trained objective's KL and CE terms) with hard
+        routing (what the exported model computes); per held-out set when there are several."""
         recalibrate()
         raw_module.eval()
         kl = ce = 0.0
         n = 0
+        per_set: dict[str, Any] = {}
         loads: list[torch.Tensor] = []
         hooks = [d.register_forward_hook(lambda m, a, o: loads.append(m.aux["hard"].reshape(-1, m.n_experts).float().mean(0).cpu()))
                  for d in dots.values() if d.n_experts > 0]
-        assert val_ids is not None
-        for j in range(0, val_ids.shape[0], cfg.batch_size):
-            ids = val_ids[j : j + cfg.batch_size].to(dev)
-            with accelerator.autocast():
-                th = teacher.hidden(ids)
-                _, st = raw_module(ids, th, teacher.head, teacher.softcap)
-            kl += st["kl"] * ids.numel()
-            ce += st["ce"] * ids.numel()
-            n += ids.numel()
+        for name, rows in groups:
+            gkl = gce = 0.0
+            gn = 0
+            for j in range(0, rows.shape[0], cfg.batch_size):
+                ids = rows[j : j + cfg.batch_size].to(dev)
+                with accelerator.autocast():
+                    th = teacher.hidden(ids)
+                    _, st = raw_module(ids, th, teacher.head, teacher.softcap)
+                gkl += st["kl"] * ids.numel()
+                gce += st["ce"] * ids.numel()
+                gn += ids.numel()
+            if len(groups) > 1:
+                per_set[f"val_kl/{name}"], per_set[f"val_ppl/{name}"] = gkl / gn, math.exp(gce / gn)
+            kl, ce, n = kl + gkl, ce + gce, n + gn
         for h in hooks:
             h.remove()
         extra = extra_eval(base) if extra_eval is not None else {}
         raw_module.train()
         n_layers = max(1, sum(1 for d in dots.values() if d.n_experts > 0))
         per_layer = [torch.stack(loads[i::n_layers]).mean(0).tolist() for i in range(n_layers)] if loads else []
-        return {"step": step, "val_kl": kl / n, "val_ppl": math.exp(ce / n), **extra, "expert_load": per_layer}
+        return {"step": step, "val_kl": kl / n, "val_ppl": math.exp(ce / n),
+                "val_loss": cfg.kl_weight * kl / n + cfg.ce_weight * ce / n, **per_set, **extra, "expert_load": per_layer}
 
     def snapshot() -> dict[str, torch.Tensor]:
         """What training changes: trainable tensors, learned assignments, LapSum thresholds."""
@@ -364,7 +383,7 @@ def train(
     history: list[dict[str, Any]] = []
     losses: list[float] = []
     best: dict[str, torch.Tensor] = {}
-    best_kl = math.inf
+    best_score = math.inf
     best_step: int | None = None
     start = 0
     tokens_done = 0
@@ -382,7 +401,7 @@ def train(
         _inner(opt).load_state_dict(opt_state)
         torch.set_rng_state(rng)
         start, tokens_done, history = int(meta["step"]), int(meta["tokens"]), list(meta["history"])
-        best_kl, best_step, train_seconds = float(meta["best_kl"]), meta["best_step"], float(meta["train_seconds"])
+        best_score, best_step, train_seconds = float(meta["best_score"]), meta["best_step"], float(meta["train_seconds"])
         losses = list(meta["losses"])
         log(f"resuming training at step {start} of {steps} ({tokens_done} tokens done)")
         if metrics_path is not None and main and metrics_path.is_file():  # drop lines past the checkpoint
@@ -397,13 +416,13 @@ def train(
                 fh.write(json.dumps(row) + "\n")
 
     def consider(ev: dict[str, Any]) -> None:
-        nonlocal best_kl, best_step, best
+        nonlocal best_score, best_step, best
         history.append(ev)
         write_metrics({"tokens": ev["step"] * cfg.seq_len * cfg.batch_size * cfg.grad_accum * world, **ev})
         if not math.isfinite(ev["val_kl"]):
             raise NonFiniteLossError(f"non-finite held-out KL at step {ev['step']}; lower the learning rates")
-        if cfg.keep_best and ev["val_kl"] < best_kl:
-            best_kl, best_step = ev["val_kl"], ev["step"]
+        if cfg.keep_best and selection_score(ev, cfg.select_by) < best_score:
+            best_score, best_step = selection_score(ev, cfg.select_by), ev["step"]
             best = snapshot()
 
     set_budgets(detach=not eta.requires_grad)
@@ -469,7 +488,7 @@ def train(
         if report is not None:
             report({**row, "steps": steps, "elapsed": time.time() - t_loop})
         if done % cfg.checkpoint_every == 0 and done < steps:
-            meta = {"tokens": tokens_done, "history": history, "losses": losses, "best_kl": best_kl, "best_step": best_step,
+            meta = {"tokens": tokens_done, "history": history, "losses": losses, "best_score": best_score, "best_step": best_step,
                     "train_seconds": train_seconds, "tau": dots[next(iter(dots))].tau,
                     "learn_assignment": {str(i): bool(d.learn_assignment) for i, d in dots.items()}}
             if main:
@@ -480,7 +499,10 @@ def train(
     # the state to export
     if best and best_step is not None and best_step != steps:
         restore(best, assignments_final=True)
-        log(f"keeping step {best_step} (held-out KL {best_kl:.4f}); the last step scored worse")
+        last = selection_score(history[-1], cfg.select_by) if history else math.nan
+        what = "the layer-wise model, untrained" if best_step == 0 else f"step {best_step}"
+        log(f"warning: keeping {what}: held-out {SELECT_BY[cfg.select_by]} {best_score:.4f} against {last:.4f} at the last "
+            f"step {steps} (select with --select-by loss|kl|ppl)")
     set_budgets(detach=True)
     out = TrainOutcome(
         steps=steps, tokens=tokens_done, history=history, best_step=best_step,
