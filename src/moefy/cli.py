@@ -378,6 +378,8 @@ def train(
     eval_every: Annotated[Optional[int], typer.Option(help="Held-out evaluation every N steps.")] = None,
     val_sequences: Annotated[Optional[int], typer.Option(help="Held-out sequences.")] = None,
     keep_best: Annotated[Optional[bool], typer.Option("--keep-best/--keep-last", help="Export the state with the best held-out --select-by figure, or the last.")] = None,
+    teacher_cache: Annotated[Optional[Path], typer.Option("--teacher-cache", help="Folder where the teacher's top-k next-token distributions are kept per sequence and reused across epochs and runs (one process). [default: the live teacher at every step]", show_default=False)] = None,
+    cache_top_k: Annotated[Optional[int], typer.Option("--cache-top-k", help="Tokens kept per position in --teacher-cache (plus the mass of the rest). [default: 64]", show_default=False)] = None,
     select_by: Annotated[Optional[str], typer.Option("--select-by", help="What keep-best minimises on the held-out text: loss (the trained objective: kl-weight x KL + ce-weight x CE) | kl | ppl. [default: loss]", show_default=False)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Resumable checkpoint every N steps.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
@@ -417,6 +419,7 @@ def train(
                  kl_weight=kl_weight, ce_weight=ce_weight, z_loss_weight=z_loss_weight, balance_weight=balance_weight,
                  learn_assignment=learn_assignment, tau_start=tau_start, tau_end=tau_end, warmup_steps=warmup_steps,
                  eval_every=eval_every, val_sequences=val_sequences, keep_best=keep_best, select_by=select_by,
+                 teacher_cache=str(teacher_cache) if teacher_cache is not None else None, cache_top_k=cache_top_k,
                  checkpoint_every=checkpoint_every,
                  gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision, seed=seed)
     settings.update({k: v for k, v in flags.items() if v is not None})

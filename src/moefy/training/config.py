@@ -55,6 +55,10 @@ class TrainConfig:
     # objective trained), kl, or ppl.  With the CE term on, held-out KL can rise while PPL falls
     # (docs/BENCHMARKS.md), so selecting by KL alone threw such trainings away.
     select_by: str = "loss"
+    # the teacher's top-k distributions cached on disk per sequence and reused across epochs and
+    # runs (moefy.training.teacher_cache); None: the live teacher at every step
+    teacher_cache: str | None = None
+    cache_top_k: int = 64
     # running
     checkpoint_every: int = 25
     gradient_checkpointing: bool = False
@@ -103,6 +107,8 @@ class TrainConfig:
             raise ConfigError("anneal_fraction must be within 0..1")
         if self.val_sequences < 0 or self.eval_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("val_sequences must be >= 0, eval_every and checkpoint_every >= 1")
+        if self.cache_top_k < 1:
+            raise ConfigError(f"--cache-top-k must be at least 1, got {self.cache_top_k}")
         if self.select_by not in ("loss", "kl", "ppl"):
             raise ConfigError(f"unknown --select-by {self.select_by!r}; choose loss, kl or ppl")
         if self.loss_chunk < 1:

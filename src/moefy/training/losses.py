@@ -27,7 +27,7 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, softcap: f
 class _FusedDistill(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, th: torch.Tensor, tw: torch.Tensor,
+        ctx: Any, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, th: Any, tw: torch.Tensor | None,
         tb: torch.Tensor | None, labels: torch.Tensor, kl_weight: float, ce_weight: float,
         softcap: float | None, t_softcap: float | None, chunk: int, stats: dict[str, float],
     ) -> torch.Tensor:
@@ -45,10 +45,14 @@ class _FusedDistill(torch.autograd.Function):
             hi = min(n, lo + chunk)
             with torch.no_grad():
                 z, tz = _logits(h[lo:hi], w, b, softcap)
-                t_logp = torch.log_softmax(_logits(th[lo:hi], tw, tb, t_softcap)[0], dim=-1)
                 logp = torch.log_softmax(z, dim=-1)
-                p_t = t_logp.exp()
-                kl_sum += (p_t * (t_logp - logp)).sum().double()
+                if isinstance(th, SparseTargets):  # cached top-k teacher log-probs + tail mass
+                    kl_c, p_t = th.kl_and_target(lo, hi, logp)
+                    kl_sum += kl_c
+                else:
+                    t_logp = torch.log_softmax(_logits(th[lo:hi], tw, tb, t_softcap)[0], dim=-1)
+                    p_t = t_logp.exp()
+                    kl_sum += (p_t * (t_logp - logp)).sum().double()
                 y = labels[lo:hi]
                 ok = y >= 0
                 ce_sum += -(logp[ok].gather(-1, y[ok, None])).sum().double()
@@ -85,6 +89,46 @@ class _FusedDistill(torch.autograd.Function):
         if ctx.has[2]:
             gb = (saved.pop(0) * grad_out).to(ctx.w_dtype)
         return gh, gw, gb, None, None, None, None, None, None, None, None, None, None
+
+
+class SparseTargets:
+    """The teacher's next-token distributions kept as their top-``k`` log-probabilities plus the
+    log of the mass outside them (:mod:`moefy.training.teacher_cache`), flattened ``[n, k]``.
+
+    With ``K`` the top-k set and ``T`` the rest, ``KL = sum_K p_i (log p_i - log q_i) + p_T (log
+    p_T - log q_T)``, ``q_T`` the student's mass on ``T``; its gradient in the student's logits is
+    ``q - p~`` with ``p~ = p`` on ``K`` and ``p_T q_j / q_T`` on ``T`` (the tail shaped like the
+    student's own).  With ``k`` the whole vocabulary ``p_T = 0`` and this is the exact KL."""
+
+    def __init__(self, idx: torch.Tensor, logp: torch.Tensor, log_tail: torch.Tensor) -> None:
+        self.idx, self.logp, self.log_tail = idx, logp, log_tail
+
+    def kl_and_target(self, lo: int, hi: int, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's summed KL (float64) and the dense target ``p~`` ``[hi - lo, vocab]``."""
+        idx = self.idx[lo:hi].to(logq.device, torch.long)
+        lp = self.logp[lo:hi].to(logq.device, torch.float32)
+        lt = self.log_tail[lo:hi].to(logq.device, torch.float32)
+        pk = lp.exp()
+        off = logq.scatter(-1, idx, float("-inf"))  # the student's log-probs outside K
+        log_qt = torch.logsumexp(off, dim=-1)
+        has_tail = torch.isfinite(lt) & torch.isfinite(log_qt)
+        kl = (pk * (lp - logq.gather(-1, idx))).sum(-1)
+        kl = kl + torch.where(has_tail, lt.exp() * (lt - log_qt), torch.zeros_like(lt))
+        scale = torch.where(has_tail, lt - log_qt, torch.full_like(lt, float("-inf")))
+        target = (off + scale[:, None]).exp()
+        target = target.scatter(-1, idx, pk)
+        return kl.sum().double(), target
+
+
+def distill_loss_cached(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, targets: SparseTargets, labels: torch.Tensor,
+    kl_weight: float = 1.0, ce_weight: float = 0.0, softcap: float | None = None, chunk: int = 1024,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`distill_loss` against cached top-k teacher distributions instead of a live teacher."""
+    stats: dict[str, float] = {}
+    loss = _FusedDistill.apply(h, w, b, targets, None, None, labels, float(kl_weight), float(ce_weight), softcap, None,
+                               int(chunk), stats)
+    return loss, stats
 
 
 def distill_loss(

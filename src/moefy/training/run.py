@@ -292,8 +292,20 @@ def run_train(
         val_desc = f"first {cfg.val_sequences} sequences of the training data (never trained on)"
     log(f"data: {data_desc}; held out: {val_desc}")
     metrics = work.path / "metrics.jsonl"
+    cache = None
+    if cfg.teacher_cache:
+        from .teacher_cache import TeacherCache, teacher_fingerprint
+
+        if accelerator.num_processes > 1:
+            raise ConfigError("--teacher-cache runs in one process (its files are appended by one writer)")
+        cache = TeacherCache(cfg.teacher_cache, teacher_fingerprint(t_loaded.model), cfg.cache_top_k,
+                             int(t_loaded.model.get_output_embeddings().weight.shape[0]), cfg.seq_len)
+        log(f"teacher cache {cfg.teacher_cache}: {len(cache.slots)} sequences stored, top-{cache.k}")
     outcome = train(student, Teacher(t_loaded.model), stream, cfg, work, accelerator, learn, log=log, report=report,
-                    metrics_path=metrics, extra_eval=extra_eval, held_out=held)
+                    metrics_path=metrics, extra_eval=extra_eval, held_out=held, teacher_cache=cache)
+    if cache is not None:
+        data_info["teacher_cache"] = {"path": str(cfg.teacher_cache), "k": cache.k, "hits": cache.hits, "misses": cache.misses}
+        log(f"teacher cache: {cache.hits} sequences read, {cache.misses} computed by the teacher")
     if learn:
         log(f"assignment: {sum(outcome.neurons_moved.values())} neurons moved expert "
             f"({', '.join(f'{i}:{n}' for i, n in outcome.neurons_moved.items())})")

@@ -45,7 +45,7 @@ from ..errors import NonFiniteLossError
 from ..ot import geometric_schedule
 from .config import TrainConfig
 from .data import PackedData
-from .losses import distill_loss
+from .losses import SparseTargets, distill_loss, distill_loss_cached
 from .student import Student, set_trainable
 
 Report = Callable[[dict[str, Any]], None]
@@ -81,15 +81,23 @@ class DistillModule(nn.Module):
         self.cfg = cfg
         self.dots = list(student.layers.values())
 
-    def forward(self, ids: torch.Tensor, teacher_h: torch.Tensor, teacher_head: nn.Module, teacher_softcap: float | None) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, ids: torch.Tensor, teacher_h: torch.Tensor | SparseTargets, teacher_head: nn.Module | None,
+                teacher_softcap: float | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """``teacher_h``: the teacher's final hidden states (its ``teacher_head`` applies), or
+        its cached top-k distributions (:mod:`moefy.training.teacher_cache`)."""
         h = _backbone(self.base)(input_ids=ids, use_cache=False).last_hidden_state
         head = self.base.get_output_embeddings()
         labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).reshape(-1)
         d = h.shape[-1]
-        loss, stats = distill_loss(
-            h.reshape(-1, d), head.weight, head.bias, teacher_h.reshape(-1, d), teacher_head.weight, teacher_head.bias,
-            labels, self.cfg.kl_weight, self.cfg.ce_weight, _softcap(self.base), teacher_softcap, self.cfg.loss_chunk,
-        )
+        if isinstance(teacher_h, SparseTargets):
+            loss, stats = distill_loss_cached(h.reshape(-1, d), head.weight, head.bias, teacher_h, labels, self.cfg.kl_weight,
+                                              self.cfg.ce_weight, _softcap(self.base), self.cfg.loss_chunk)
+        else:
+            assert teacher_head is not None
+            loss, stats = distill_loss(
+                h.reshape(-1, d), head.weight, head.bias, teacher_h.reshape(-1, d), teacher_head.weight, teacher_head.bias,
+                labels, self.cfg.kl_weight, self.cfg.ce_weight, _softcap(self.base), teacher_softcap, self.cfg.loss_chunk,
+            )
         routed = [m for m in self.dots if m.n_experts > 0]
         if routed and self.training:
             aux = [m.aux_losses() for m in routed]
@@ -113,6 +121,15 @@ class Teacher:
     @torch.no_grad()
     def hidden(self, ids: torch.Tensor) -> torch.Tensor:
         return _backbone(self.model)(input_ids=ids, use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def logp_rows(self, ids: torch.Tensor) -> Any:
+        """Each sequence's next-token log-probabilities ``[T, V]`` in fp32, one at a time."""
+        from .losses import _logits
+
+        h = self.hidden(ids)
+        for row in h:
+            yield torch.log_softmax(_logits(row, self.head.weight, self.head.bias, self.softcap)[0], dim=-1)
 
 
 @dataclass
@@ -241,7 +258,8 @@ def train(
     report: Report | None = None,
     metrics_path: Path | None = None,
     extra_eval: Callable[[nn.Module], dict[str, Any]] | None = None,
-    held_out: PackedData | None = None,
+    held_out: Any = None,
+    teacher_cache: Any = None,
 ) -> TrainOutcome:
     """Train ``student`` in place; returns what happened. The caller exports it.
 
@@ -456,8 +474,10 @@ def train(
             set_budgets()
             ids = data.batch(step, micro, cfg.grad_accum, world, rank, cfg.batch_size).to(dev)
             with accelerator.autocast():
-                th = teacher.hidden(ids)
-                loss, st = module(ids, th, teacher.head, teacher.softcap)
+                if teacher_cache is not None:  # the teacher's top-k distributions, computed once per sequence
+                    loss, st = module(ids, teacher_cache.targets(ids, teacher.logp_rows), None, None)
+                else:
+                    loss, st = module(ids, teacher.hidden(ids), teacher.head, teacher.softcap)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"non-finite training loss at step {step}; lower the learning rates")
             sync = micro == cfg.grad_accum - 1
