@@ -50,7 +50,7 @@ def _model_id(spec: str) -> Any:
 
 
 def cache_key(name: str, ident: Any, st: dict[str, Any]) -> str:
-    blob = json.dumps({"model": name, "id": ident, "settings": st}, sort_keys=True, default=str)
+    blob = json.dumps({"model": name, "id": ident, "settings": st, "v": 2}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -256,8 +256,10 @@ def test_moefy_eval_json(tmp_path):
     res = json.loads(out.read_text())["models"][0]
     assert res["tasks_scored_by"].startswith("lm-eval 0.4")
     for name in ("arc_easy", "winogrande"):
-        assert list(res["tasks"][name]) == ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"]
+        assert list(res["tasks"][name]) == ["acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "per_item"]
         assert res["tasks"][name]["n"] == 5
+        items = res["tasks"][name]["per_item"]
+        assert len(items["acc_norm"]) == 5 and sum(items["acc_norm"]) / 5 == pytest.approx(res["tasks"][name]["acc_norm"])
     assert "arc_easy acc / acc_norm (n=5)" in proc.stdout + proc.stderr
 
 
@@ -355,3 +357,24 @@ def test_moefy_eval_several_models_one_schema_with_retention(tmp_path):
         if ret["tasks"]:
             assert ret["retention"] == pytest.approx(1.0)
     assert "above-chance acc_norm kept" in proc.stdout + proc.stderr and "not counted:" in proc.stderr
+
+
+def test_paired_retention_stderr_uses_the_items_both_models_scored():
+    from moefy.zeroshot import retention
+
+    g = torch.Generator().manual_seed(0)
+    ref_items = (torch.rand(400, generator=g) < 0.55).float()
+    flip = torch.rand(400, generator=g) < 0.15
+    model_items = torch.where(flip, 1 - ref_items, ref_items)  # agrees with the reference on 85% of items
+
+    def res(items):
+        acc = float(items.mean())
+        se = float(items.std() / 400 ** 0.5)
+        return {"piqa": {"acc_norm": acc, "acc_norm_stderr": se, "n": 400, "per_item": {"acc_norm": items.tolist()}}}
+
+    paired = retention(res(ref_items), res(model_items))
+    unpaired = retention({"piqa": {k: v for k, v in res(ref_items)["piqa"].items() if k != "per_item"}}, res(model_items))
+    assert paired["paired"] and not unpaired["paired"]
+    assert paired["retention"] == pytest.approx(unpaired["retention"])
+    assert 0 < paired["stderr"] < unpaired["stderr"]  # correlated items: the paired error is smaller
+    assert retention(res(ref_items), res(ref_items))["stderr"] == pytest.approx(0.0, abs=1e-9)

@@ -172,7 +172,7 @@ def evaluate_tasks(
         try:
             out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit if others else None,
                                   bootstrap_iters=1000,  # "mean" metrics get lm-eval's closed-form stderr
-                                  log_samples=details)
+                                  log_samples=True)  # per-item scores: paired standard errors (retention)
         except Exception as exc:  # noqa: BLE001 - a task whose data cannot be had: one line
             raise ValueError(f"lm-eval could not run {', '.join(names)}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
         finally:
@@ -184,6 +184,12 @@ def evaluate_tasks(
         if name in _ACC_NORM_IS_ACC and "acc_norm" not in r:
             r["acc_norm"], r["acc_norm_stderr"] = r["acc"], r.get("acc_stderr", math.nan)
         r["n"] = _n_samples(out, name)
+        samples = sorted(out.get("samples", {}).get(name, []), key=lambda x: x["doc_id"])
+        per_item = {m: [float(x[m]) for x in samples] for m in ("acc", "acc_norm") if samples and m in samples[0]}
+        if name in _ACC_NORM_IS_ACC and "acc" in per_item:
+            per_item.setdefault("acc_norm", per_item["acc"])
+        if per_item:
+            r["per_item"] = per_item
         if details:
             r["items"] = [{"doc_id": x["doc_id"], "requests": [list(a) for a in x["arguments"]],
                            "lls": [float(resp[0]) for resp in x["filtered_resps"]]}
@@ -215,12 +221,15 @@ def retention(
     A task counts only where the reference is above chance by more than ``min_sigma`` of its
     standard error, since a task the reference cannot do cannot show what a model kept of it;
     tasks without a known chance level are left out too.  Both kinds are listed with the reason.
-    ``stderr`` treats the tasks and the two models as independent (conservative for two models
-    scored on the same items).  Returns ``{"retention", "stderr", "tasks", "excluded", "metric"}``
+    ``stderr`` is the delta method's over the tasks; where both results carry per-item scores
+    (``per_item``, which :func:`evaluate_tasks` records) of the same items, the two models'
+    covariance is taken into account (``paired``), else they are treated as independent, which
+    overstates it.  Returns ``{"retention", "stderr", "paired", "tasks", "excluded", "metric"}``
     (``retention`` is ``None`` when no task counts)."""
     used: list[str] = []
     excluded: dict[str, str] = {}
-    num = den = var_num = var_den = 0.0
+    num = den = var_num = var_den = cov = 0.0
+    paired = True
     for task, ref in reference.items():
         if task not in model:
             continue
@@ -242,10 +251,19 @@ def retention(
         used.append(task)
         num += m[metric] - c
         den += ref[metric] - c
-        var_num += m_se ** 2
-        var_den += ref_se ** 2
+        xs, ys = (m.get("per_item") or {}).get(metric), (ref.get("per_item") or {}).get(metric)
+        if xs and ys and len(xs) == len(ys) > 1:  # the same items scored by both: variances and covariance from them
+            n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
+            var_num += sum((x - mx) ** 2 for x in xs) / (n - 1) / n
+            var_den += sum((y - my) ** 2 for y in ys) / (n - 1) / n
+            cov += sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (n - 1) / n
+        else:
+            paired = False
+            var_num += m_se ** 2
+            var_den += ref_se ** 2
     if not used:
-        return {"retention": None, "stderr": None, "tasks": [], "excluded": excluded, "metric": metric}
+        return {"retention": None, "stderr": None, "tasks": [], "excluded": excluded, "metric": metric, "paired": False}
     r = num / den
-    se = math.sqrt(var_num + r * r * var_den) / den
-    return {"retention": r, "stderr": se, "tasks": used, "excluded": excluded, "metric": metric}
+    cov = cov if paired else 0.0
+    se = math.sqrt(max(var_num - 2 * r * cov + r * r * var_den, 0.0)) / den
+    return {"retention": r, "stderr": se, "tasks": used, "excluded": excluded, "metric": metric, "paired": paired}
