@@ -51,6 +51,7 @@ from .student import Student, set_trainable
 Report = Callable[[dict[str, Any]], None]
 Log = Callable[[str], None]
 KILL_AFTER_STEP = "MOEFY_TEST_KILL_AFTER_STEP"  # test-only: SIGKILL itself once step N is checkpointed
+LOSS_CHUNK_ELEMENTS = 1 << 25  # 128 MiB of fp32 logits per chunk of the loss
 
 
 # what keep-best compares (lower is better): the trained objective's held-out value, its KL, or PPL
@@ -81,6 +82,13 @@ class DistillModule(nn.Module):
         self.cfg = cfg
         self.dots = list(student.layers.values())
 
+    def chunk(self, head: nn.Module) -> int:
+        """Positions per chunk of the vocabulary-sized loss: ``loss_chunk``, fewer for a large
+        vocabulary, so that one chunk's fp32 logits stay within :data:`LOSS_CHUNK_ELEMENTS`
+        (the loss holds about six such tensors at once: at 1,024 positions a 262k vocabulary
+        would need 6 GB)."""
+        return max(1, min(self.cfg.loss_chunk, LOSS_CHUNK_ELEMENTS // int(head.weight.shape[0])))
+
     def forward(self, ids: torch.Tensor, teacher_h: torch.Tensor | SparseTargets, teacher_head: nn.Module | None,
                 teacher_softcap: float | None) -> tuple[torch.Tensor, dict[str, float]]:
         """``teacher_h``: the teacher's final hidden states (its ``teacher_head`` applies), or
@@ -91,12 +99,12 @@ class DistillModule(nn.Module):
         d = h.shape[-1]
         if isinstance(teacher_h, SparseTargets):
             loss, stats = distill_loss_cached(h.reshape(-1, d), head.weight, head.bias, teacher_h, labels, self.cfg.kl_weight,
-                                              self.cfg.ce_weight, _softcap(self.base), self.cfg.loss_chunk)
+                                              self.cfg.ce_weight, _softcap(self.base), self.chunk(head))
         else:
             assert teacher_head is not None
             loss, stats = distill_loss(
                 h.reshape(-1, d), head.weight, head.bias, teacher_h.reshape(-1, d), teacher_head.weight, teacher_head.bias,
-                labels, self.cfg.kl_weight, self.cfg.ce_weight, _softcap(self.base), teacher_softcap, self.cfg.loss_chunk,
+                labels, self.cfg.kl_weight, self.cfg.ce_weight, _softcap(self.base), teacher_softcap, self.chunk(head),
             )
         routed = [m for m in self.dots if m.n_experts > 0]
         if routed and self.training:
