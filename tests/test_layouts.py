@@ -229,7 +229,7 @@ def test_cli_drift_correction_flag_and_recipe_key(monkeypatch, tmp_path):
         ("- a\n- b\n", "must be a mapping"),
         ("model: [unclosed\n", "not valid YAML"),
         ("model: m\nn_experts: four\n", "n_experts has the wrong type"),
-        ("model: m\ncalib: 3\n", "calib must be a path"),
+        ("model: m\ncalib: 3\n", "calib must be a source or a list of sources"),
     ],
 )
 def test_bad_recipe_is_one_line_config_error(tmp_path, capsys, text, msg):
