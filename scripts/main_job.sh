@@ -11,8 +11,8 @@
 #      steps instead of the default 10, which would leave a 12-step run at its peak rate only at the end, 7.1b;
 #      KL plus the LM cross-entropy at half its weight, --ce-weight 0.5: -5.7% in this job's stages, 7.1b);
 #   3. dense vs MoE (layer-wise) vs MoE (recovered) perplexity, side by side, on the first 40
-#      windows of 1024 tokens of WikiText-2 test (measured: 15 min 16 s from a fresh clone on 2 quiet
-#      CPU cores, the set-up included; docs/BENCHMARKS.md 7.1b).  Zero-shot and text of other kinds
+#      windows of 1024 tokens of WikiText-2 test (measured: 14 min 32 s from a fresh clone on 2
+#      otherwise idle CPU cores, warm pip cache, the set-up included; docs/BENCHMARKS.md 7.1b).  Zero-shot and text of other kinds
 #      are scored apart (benchmarks/quality_suite.py, docs/BENCHMARKS.md 9): they do not fit in 20 minutes.
 # Calibration and training text: WikiText-2 valid; evaluation: WikiText-2 test (disjoint).
 set -euo pipefail
